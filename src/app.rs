@@ -1,0 +1,182 @@
+//! Wiring: configuration in, a running worker with its HTTP server out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_lapin::Pool;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::broker;
+use crate::config::{GlobalArgs, RunArgs};
+use crate::health::Readiness;
+use crate::http::{HttpState, router};
+use crate::metrics::Metrics;
+use crate::stripe::{Gateway, StripeApi};
+use crate::topology::Topology;
+use crate::worker::{Worker, WorkerError, WorkerSettings};
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Topology(#[from] crate::topology::TopologyError),
+    #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A worker ready to run, its HTTP listener already bound.
+pub struct App {
+    listener: TcpListener,
+    worker: Worker,
+    http: HttpState,
+    topology: Arc<Topology>,
+    pool: Pool,
+    depth_interval: Duration,
+}
+
+impl App {
+    /// Checks the configuration, loads the topology and binds the HTTP port. Connects to
+    /// nothing yet: the broker may come up after the worker.
+    ///
+    /// # Errors
+    /// On invalid settings (named in the message), an unreadable or invalid topology file,
+    /// or an HTTP address that cannot be bound.
+    pub async fn build(global: &GlobalArgs, args: &RunArgs) -> Result<Self, StartError> {
+        let uri = global.broker_uri().map_err(StartError::Config)?;
+        let topology = Arc::new(Topology::load(global.topology.as_deref())?);
+        let gateway = match args.stripe_secret_key().map_err(StartError::Config)? {
+            Some(secret) => Gateway::Stripe(Box::new(
+                StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout)
+                    .map_err(|e| StartError::Config(format!("invalid STRIPE_API_BASE: {e}")))?,
+            )),
+            None => Gateway::Mock,
+        };
+        let listener = TcpListener::bind(args.http_addr)
+            .await
+            .map_err(|source| StartError::Bind { addr: args.http_addr, source })?;
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Readiness::new(metrics.ready.clone());
+        let pool = broker::pool(&uri, "payment-worker", 2).map_err(StartError::Config)?;
+        if gateway.is_mock() {
+            warn!(
+                "MOCK MODE: STRIPE_SECRET_KEY is unset, sessions are fake \
+                 (cs_test_mock_session_<trip id>) and can never be paid"
+            );
+        } else {
+            info!(stripe_api_base = %args.stripe_api_base, timeout_ms = args.stripe_timeout.as_millis() as u64, "Stripe mode");
+        }
+        info!(broker = %broker::redacted_uri(&uri), profile = %topology.profile, http_addr = %args.http_addr, "starting");
+        let settings = WorkerSettings {
+            prefetch: args.prefetch,
+            shutdown_grace: args.shutdown_grace,
+            reconnect: args.reconnect_policy(),
+            urls: args.checkout_urls(),
+        };
+        let worker = Worker::new(
+            topology.clone(),
+            Arc::new(gateway),
+            pool.clone(),
+            metrics.clone(),
+            readiness.clone(),
+            settings,
+        );
+        Ok(Self {
+            listener,
+            worker,
+            http: HttpState { readiness, metrics },
+            topology,
+            pool,
+            depth_interval: args.queue_depth_interval,
+        })
+    }
+
+    /// The address the HTTP server listens on (useful with port 0).
+    ///
+    /// # Panics
+    /// If the bound socket has no address, which a bound TCP listener always has.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Runs until `shutdown` is cancelled and in-flight work is drained, or the worker fails.
+    ///
+    /// # Errors
+    /// See [`WorkerError`].
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let stop_http = CancellationToken::new();
+        let server = {
+            let stop = stop_http.clone();
+            let app = router(self.http.clone());
+            tokio::spawn(async move {
+                let serve =
+                    axum::serve(self.listener, app).with_graceful_shutdown(stop.cancelled_owned());
+                if let Err(e) = serve.await {
+                    warn!(error = %e, "HTTP server failed");
+                }
+            })
+        };
+        let poller = tokio::spawn(poll_queue_depths(
+            self.pool.clone(),
+            self.topology.clone(),
+            self.http.metrics.clone(),
+            self.depth_interval,
+            stop_http.clone(),
+        ));
+        let result = self.worker.run(shutdown).await;
+        stop_http.cancel();
+        let _ = poller.await;
+        let _ = server.await;
+        result
+    }
+}
+
+/// Reads the ready message count of the work, wait and parking queues every `interval`, with
+/// passive declarations (which change nothing), for `payment_worker_queue_messages`.
+async fn poll_queue_depths(
+    pool: Pool,
+    topology: Arc<Topology>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut queues = vec![topology.work_queue.name.clone(), topology.parking.queue.clone()];
+    queues.extend(topology.retry.delays.iter().map(|d| topology.wait_queue(d)));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let Ok(connection) = pool.get().await else { continue };
+        let Ok(channel) = connection.create_channel().await else { continue };
+        for queue in &queues {
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(q) => metrics
+                    .queue_messages
+                    .with_label_values(&[queue.as_str()])
+                    .set(i64::from(q.message_count())),
+                Err(e) => {
+                    // A missing queue closes the channel; try again next tick.
+                    debug!(queue = %queue, error = %e, "queue depth unavailable");
+                    break;
+                }
+            }
+        }
+        let _ = channel.close(200, "depths read".into()).await;
+    }
+}

@@ -1,0 +1,161 @@
+//! Connections to RabbitMQ and publishing that waits for the broker's word.
+
+use std::fmt;
+use std::time::Duration;
+
+use deadpool_lapin::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use lapin::Confirmation;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+
+/// How long opening one connection may take before it counts as failed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A pool of broker connections (deadpool-lapin): a connection that broke is replaced by a new
+/// one on the next `get`, which is how every component reconnects.
+///
+/// # Errors
+/// When the pool cannot be built (it needs a running tokio runtime).
+pub fn pool(uri: &SecretString, connection_name: &str, max_size: usize) -> Result<Pool, String> {
+    let config = Config {
+        url: Some(uri.expose_secret().to_owned()),
+        pool: Some(PoolConfig {
+            max_size,
+            timeouts: Timeouts {
+                wait: None,
+                create: Some(CONNECT_TIMEOUT),
+                recycle: Some(CONNECT_TIMEOUT),
+            },
+            ..PoolConfig::default()
+        }),
+    };
+    let name = connection_name.to_owned();
+    config
+        .create_pool(
+            move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
+            Runtime::Tokio1,
+        )
+        .map_err(|e| e.to_string())
+}
+
+/// The broker URI without its password, for logs and error messages.
+pub fn redacted_uri(uri: &SecretString) -> String {
+    match uri.expose_secret().parse::<lapin::uri::AMQPUri>() {
+        Ok(parsed) => format!(
+            "{}://{}@{}:{}/{}",
+            match parsed.scheme {
+                lapin::uri::AMQPScheme::AMQP => "amqp",
+                lapin::uri::AMQPScheme::AMQPS => "amqps",
+            },
+            parsed.authority.userinfo.username,
+            parsed.authority.host,
+            parsed.authority.port,
+            parsed.vhost
+        ),
+        Err(_) => "(unparsable RABBITMQ_URI)".to_owned(),
+    }
+}
+
+/// Checks that a broker URI parses, without connecting.
+///
+/// # Errors
+/// The parser's complaint, which never contains the password.
+pub fn validate_uri(uri: &str) -> Result<(), String> {
+    uri.parse::<lapin::uri::AMQPUri>().map(|_| ()).map_err(|e| {
+        // lapin's message may quote the input; keep only the reason.
+        let reason = e.to_string();
+        if uri.len() > 8 && reason.contains(uri) {
+            "not an amqp:// or amqps:// URI".to_owned()
+        } else {
+            reason
+        }
+    })
+}
+
+/// Why a publish was not confirmed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused the message (`basic.nack`).
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    /// No queue is bound for the routing key (`basic.return`, 312 NO_ROUTE).
+    #[error(
+        "unroutable: exchange '{exchange}' has no queue bound for '{routing_key}' ({code} {text})"
+    )]
+    Returned { exchange: String, routing_key: String, code: u16, text: String },
+    /// The channel or the connection failed: the publish may or may not have happened.
+    #[error("publish channel failed: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+impl PublishError {
+    /// A failed channel or connection ends the whole session: nothing more can be published
+    /// on it, and the deliveries it held come back by themselves.
+    pub fn is_channel_failure(&self) -> bool {
+        matches!(self, Self::Channel(_))
+    }
+}
+
+/// A channel in confirm mode. Every publish is `mandatory` and waits for the broker's confirm;
+/// a nack or a return is an error, never a silent success.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher").field("channel", &self.channel.id()).finish()
+    }
+}
+
+impl Publisher {
+    /// Opens a new channel on `connection` and puts it in confirm mode.
+    ///
+    /// # Errors
+    /// When the channel cannot be opened.
+    pub async fn open(connection: &Connection) -> Result<Self, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        Ok(Self { channel })
+    }
+
+    /// Publishes and waits until the broker has taken responsibility for the message.
+    ///
+    /// # Errors
+    /// See [`PublishError`].
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                body,
+                properties,
+            )
+            .await?;
+        match confirm.await? {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(PublishError::Returned {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                code: returned.reply_code,
+                text: returned.reply_text.to_string(),
+            }),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => unreachable!("the channel is in confirm mode"),
+        }
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+}

@@ -1,0 +1,238 @@
+//! Command line and environment: every setting has a flag and an environment variable, and a
+//! default wherever one is safe. Bad values stop the program at start with the setting's name.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
+
+use crate::stripe::{CheckoutUrls, STRIPE_API};
+use crate::worker::ReconnectPolicy;
+
+#[derive(Parser)]
+#[command(
+    name = "payment-worker",
+    version,
+    about = "Creates Stripe Checkout Sessions for trip commands from RabbitMQ, with retries that live in the broker"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct GlobalArgs {
+    /// Broker URI, credentials included (never logged).
+    #[arg(
+        long,
+        env = "RABBITMQ_URI",
+        default_value = "amqp://guest:guest@rabbitmq:5672/%2f",
+        hide_env_values = true,
+        global = true
+    )]
+    rabbitmq_uri: String,
+
+    /// Topology profile file (see topology/); the built-in default profile when unset.
+    #[arg(long, env = "PAYMENT_TOPOLOGY", global = true)]
+    pub topology: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the worker: consume commands, create sessions, publish events.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    /// Stripe secret key. Unset: mock mode (fake `cs_test_mock_session_<trip>` sessions).
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
+    stripe_secret_key: Option<String>,
+
+    /// Stripe API base URL.
+    #[arg(long, env = "STRIPE_API_BASE", default_value = STRIPE_API, value_parser = parse_http_url)]
+    pub stripe_api_base: String,
+
+    /// Timeout of one Stripe call (connection and answer), e.g. `10s`, `500ms`.
+    #[arg(long, env = "STRIPE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub stripe_timeout: Duration,
+
+    /// The rider-facing app; the default success and cancel URLs derive from it.
+    #[arg(long, env = "APP_URL", default_value = "http://localhost:3000", value_parser = parse_http_url)]
+    pub app_url: String,
+
+    /// Where Stripe sends the rider after paying [default: APP_URL?payment=success].
+    #[arg(long, env = "STRIPE_SUCCESS_URL", value_parser = parse_http_url)]
+    pub stripe_success_url: Option<String>,
+
+    /// Where Stripe sends the rider after cancelling [default: APP_URL?payment=cancel].
+    #[arg(long, env = "STRIPE_CANCEL_URL", value_parser = parse_http_url)]
+    pub stripe_cancel_url: Option<String>,
+
+    /// Deliveries processed at once (the channel's prefetch), 1 to 65535.
+    #[arg(long, env = "PREFETCH", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Address of the HTTP server (health, readiness, metrics).
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// How long a graceful stop (SIGTERM, SIGINT) waits for in-flight work.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Consecutive failed broker sessions before the worker exits non-zero.
+    #[arg(long, env = "RECONNECT_MAX_ATTEMPTS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub reconnect_max_attempts: u32,
+
+    /// First delay before reconnecting; it doubles, with jitter, up to RECONNECT_MAX_DELAY.
+    #[arg(long, env = "RECONNECT_MIN_DELAY", default_value = "200ms", value_parser = parse_duration)]
+    pub reconnect_min_delay: Duration,
+
+    /// Longest delay between reconnect attempts.
+    #[arg(long, env = "RECONNECT_MAX_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub reconnect_max_delay: Duration,
+
+    /// How often queue depths are read from the broker for metrics.
+    #[arg(long, env = "QUEUE_DEPTH_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub queue_depth_interval: Duration,
+}
+
+impl GlobalArgs {
+    /// The broker URI, checked. Validated here rather than by clap, whose error messages
+    /// quote the rejected value (and with it the password).
+    ///
+    /// # Errors
+    /// A message naming RABBITMQ_URI, without the URI itself.
+    pub fn broker_uri(&self) -> Result<SecretString, String> {
+        crate::broker::validate_uri(&self.rabbitmq_uri)
+            .map_err(|reason| format!("invalid RABBITMQ_URI (--rabbitmq-uri): {reason}"))?;
+        Ok(SecretString::from(self.rabbitmq_uri.clone()))
+    }
+}
+
+impl RunArgs {
+    /// The Stripe secret key; `None` means mock mode.
+    ///
+    /// # Errors
+    /// When the key is set but blank.
+    pub fn stripe_secret_key(&self) -> Result<Option<SecretString>, String> {
+        match &self.stripe_secret_key {
+            None => Ok(None),
+            Some(key) if key.trim().is_empty() || key.chars().any(char::is_control) => {
+                Err("invalid STRIPE_SECRET_KEY (--stripe-secret-key): blank or contains control \
+                 characters; unset it for mock mode"
+                    .into())
+            }
+            Some(key) => Ok(Some(SecretString::from(key.clone()))),
+        }
+    }
+
+    pub fn checkout_urls(&self) -> CheckoutUrls {
+        CheckoutUrls {
+            success: self
+                .stripe_success_url
+                .clone()
+                .unwrap_or_else(|| format!("{}?payment=success", self.app_url)),
+            cancel: self
+                .stripe_cancel_url
+                .clone()
+                .unwrap_or_else(|| format!("{}?payment=cancel", self.app_url)),
+        }
+    }
+
+    pub fn reconnect_policy(&self) -> ReconnectPolicy {
+        ReconnectPolicy {
+            min_delay: self.reconnect_min_delay,
+            max_delay: self.reconnect_max_delay.max(self.reconnect_min_delay),
+            max_attempts: self.reconnect_max_attempts as usize,
+        }
+    }
+}
+
+/// A duration written like `500ms`, `10s`, `1m 30s`; zero is refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration =
+        humantime::parse_duration(text).map_err(|e| format!("{e} (write it like 500ms or 10s)"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+fn parse_http_url(text: &str) -> Result<String, String> {
+    let uri: hyper::Uri = text.parse().map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err("must be an absolute http:// or https:// URL".into());
+    }
+    Ok(text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunArgs, String> {
+        let mut argv = vec!["payment-worker", "run"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli { global, command: Command::Run(run) }) => {
+                global.broker_uri()?;
+                run.stripe_secret_key()?;
+                Ok(*run)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_go_service() {
+        let args = run(&[]).unwrap();
+        assert_eq!(args.prefetch, 16);
+        assert_eq!(args.stripe_timeout, Duration::from_secs(10));
+        assert_eq!(args.shutdown_grace, Duration::from_secs(20));
+        let urls = args.checkout_urls();
+        assert_eq!(urls.success, "http://localhost:3000?payment=success");
+        assert_eq!(urls.cancel, "http://localhost:3000?payment=cancel");
+        assert!(args.stripe_secret_key().unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (args, name) in [
+            (&["--stripe-timeout", "soon"][..], "STRIPE_TIMEOUT"),
+            (&["--stripe-timeout", "0s"][..], "STRIPE_TIMEOUT"),
+            (&["--prefetch", "0"][..], "PREFETCH"),
+            (&["--app-url", "localhost"][..], "APP_URL"),
+            (&["--stripe-api-base", "ftp://x"][..], "STRIPE_API_BASE"),
+            (&["--http-addr", "nowhere"][..], "HTTP_ADDR"),
+            (&["--rabbitmq-uri", "http://x"][..], "RABBITMQ_URI"),
+            (&["--stripe-secret-key", " "][..], "STRIPE_SECRET_KEY"),
+        ] {
+            let err = run(args).err().unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(err.contains(name), "{err} should name {name}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_reach_error_messages() {
+        let err = run(&["--rabbitmq-uri", "amqp://u:hunter2@:notaport/"]).err().unwrap();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

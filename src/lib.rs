@@ -1,0 +1,28 @@
+//! payment-worker: creates Stripe Checkout Sessions for the trip system's
+//! `payment.cmd.create_session` commands, with retries that live in RabbitMQ.
+//!
+//! # Layout
+//!
+//! - [`config`]: command line and environment.
+//! - [`app`]: wiring; builds a [`worker::Worker`] and the HTTP server from configuration.
+//! - [`worker`]: the consumer loop and what happens to each delivery.
+//! - [`contract`]: the Go services' envelope and payloads, read and written as Go does.
+//! - [`money`]: integer amounts in minor units and currency exponents.
+//! - [`stripe`]: Checkout Session creation, idempotent by trip, and failure classes.
+//! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
+//! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
+//! - [`broker`]: connection pool and confirmed, mandatory publishing.
+//! - [`metrics`], [`health`], [`http`]: what operators see.
+
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod contract;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod money;
+pub mod retry;
+pub mod stripe;
+pub mod topology;
+pub mod worker;

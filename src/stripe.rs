@@ -1,0 +1,371 @@
+//! Creating Stripe Checkout Sessions, idempotently by trip.
+//!
+//! async-stripe's request types (`async-stripe-checkout`) build and form-encode the call. The
+//! HTTP exchange itself is done here, on a pooled hyper client, because async-stripe's bundled
+//! client drops the `Stripe-Should-Retry` header of a single-attempt request (the worker must
+//! honour it: the retry happens in the broker, not in the client) and opens a new connection
+//! for every call. Only the fields the worker needs are read from the answer, so a session
+//! object from a newer API version still parses.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use stripe_checkout::checkout_session::{
+    CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionLineItemsPriceData,
+    ProductData,
+};
+use stripe_client_core::{StripeMethod, StripeRequest};
+use stripe_shared::CheckoutSessionMode;
+
+use crate::contract::CreateSession;
+
+/// Stripe's own API, the default base URL.
+pub const STRIPE_API: &str = "https://api.stripe.com/";
+/// The name of the single line item, as the Go service named it.
+pub const LINE_ITEM_NAME: &str = "Ride Payment";
+/// Session ids in mock mode; the rider's browser recognises the prefix.
+pub const MOCK_SESSION_PREFIX: &str = "cs_test_mock_session_";
+
+/// The Stripe-Version this build speaks.
+pub fn api_version() -> String {
+    stripe_client_core::VERSION.to_string()
+}
+
+/// Where checkout sends the rider afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutUrls {
+    pub success: String,
+    pub cancel: String,
+}
+
+/// A created (or replayed) Checkout Session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    /// Whether Stripe said this answer is a replay of an earlier request with the same key.
+    pub replayed: bool,
+}
+
+/// Why creating a session failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StripeError {
+    #[error("connecting to Stripe failed: {0}")]
+    Transport(String),
+    #[error("Stripe did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("Stripe answered {status}{}: {message}", describe_kind(.kind, .code))]
+    Api {
+        status: u16,
+        /// The `Stripe-Should-Retry` header, when Stripe sent one.
+        should_retry: Option<bool>,
+        /// `error.type`: `api_error`, `invalid_request_error`, `idempotency_error`, …
+        kind: Option<String>,
+        code: Option<String>,
+        message: String,
+    },
+    #[error("Stripe's answer could not be read: {0}")]
+    BadResponse(String),
+}
+
+fn describe_kind(kind: &Option<String>, code: &Option<String>) -> String {
+    match (kind, code) {
+        (Some(kind), Some(code)) => format!(" {kind}/{code}"),
+        (Some(kind), None) => format!(" {kind}"),
+        _ => String::new(),
+    }
+}
+
+impl StripeError {
+    /// Whether the same request may succeed later. `Stripe-Should-Retry` decides when Stripe
+    /// sent it; otherwise 409 (a concurrent request with the same key), 424, 429 and 5xx are
+    /// transient and every other 4xx is permanent.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport(_) | Self::Timeout(_) => true,
+            Self::Api { should_retry: Some(retry), .. } => *retry,
+            Self::Api { status, .. } => matches!(status, 409 | 424 | 429 | 500..=599),
+            Self::BadResponse(_) => false,
+        }
+    }
+
+    /// The same trip arrived again with different parameters (a changed amount).
+    pub fn is_idempotency_conflict(&self) -> bool {
+        matches!(self, Self::Api { kind: Some(kind), .. } if kind == "idempotency_error")
+    }
+
+    /// A bounded label for metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Self::Transport(_) => "transport",
+            Self::Timeout(_) => "timeout",
+            Self::Api { status: 429, .. } => "rate_limited",
+            Self::Api { status: 500.., .. } => "server_error",
+            Self::Api { .. } if self.is_idempotency_conflict() => "idempotency_conflict",
+            Self::Api { .. } => "client_error",
+            Self::BadResponse(_) => "bad_response",
+        }
+    }
+}
+
+/// Who creates sessions: Stripe's API, or mock mode.
+pub enum Gateway {
+    Stripe(Box<StripeApi>),
+    /// Deterministic fake sessions (`cs_test_mock_session_<trip id>`) for local runs.
+    Mock,
+}
+
+impl Gateway {
+    /// Creates the session for `cmd`, or gets the one already created for its trip.
+    ///
+    /// # Errors
+    /// See [`StripeError`]; mock mode never fails.
+    pub async fn create_session(
+        &self,
+        cmd: &CreateSession,
+        urls: &CheckoutUrls,
+    ) -> Result<Session, StripeError> {
+        match self {
+            Self::Stripe(api) => api.create_checkout_session(cmd, urls).await,
+            Self::Mock => {
+                Ok(Session { id: format!("{MOCK_SESSION_PREFIX}{}", cmd.trip_id), replayed: false })
+            }
+        }
+    }
+
+    pub fn is_mock(&self) -> bool {
+        matches!(self, Self::Mock)
+    }
+}
+
+/// The Idempotency-Key for a trip: the same on every attempt and every redelivery, so Stripe
+/// returns the first session however often the command is processed.
+pub fn idempotency_key(trip_id: &str) -> String {
+    format!("payment-worker:checkout-session:{trip_id}")
+}
+
+/// The Checkout Session parameters for a command. Deterministic: the same command always gives
+/// the same parameters, which Stripe's idempotency check requires.
+pub fn checkout_params(cmd: &CreateSession, urls: &CheckoutUrls) -> CreateCheckoutSession {
+    let mut price = CreateCheckoutSessionLineItemsPriceData::new(cmd.currency.stripe().clone());
+    price.product_data = Some(ProductData::new(LINE_ITEM_NAME));
+    price.unit_amount = Some(cmd.amount.get());
+    let mut item = CreateCheckoutSessionLineItems::new();
+    item.price_data = Some(price);
+    item.quantity = Some(1);
+    let mut metadata = HashMap::from([
+        ("trip_id".to_owned(), cmd.trip_id.clone()),
+        ("user_id".to_owned(), cmd.user_id.clone()),
+    ]);
+    // Stripe treats an empty metadata value as "unset", so empty values are left out.
+    if !cmd.driver_id.is_empty() {
+        metadata.insert("driver_id".into(), cmd.driver_id.clone());
+    }
+    if let Some(slug) = &cmd.package_slug {
+        metadata.insert("package_slug".into(), slug.clone());
+    }
+    CreateCheckoutSession::new()
+        .mode(CheckoutSessionMode::Payment)
+        .line_items(vec![item])
+        .success_url(urls.success.clone())
+        .cancel_url(urls.cancel.clone())
+        .client_reference_id(cmd.trip_id.clone())
+        .metadata(metadata)
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Stripe's HTTP API at a configurable base URL.
+pub struct StripeApi {
+    client: HttpsClient,
+    /// Ends with `/`; request paths are appended after `v1`.
+    base: String,
+    secret: SecretString,
+    /// Per call, connection and body included.
+    timeout: Duration,
+}
+
+impl fmt::Debug for StripeApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StripeApi")
+            .field("base", &self.base)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct SessionObject {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    code: Option<String>,
+    message: Option<String>,
+}
+
+impl StripeApi {
+    /// # Errors
+    /// When `base` is not an absolute http(s) URL.
+    pub fn new(base: &str, secret: SecretString, timeout: Duration) -> Result<Self, String> {
+        let mut base = base.to_owned();
+        if !base.ends_with('/') {
+            base.push('/');
+        }
+        let uri: hyper::Uri = base.parse().map_err(|e| format!("{base:?} is not a URL: {e}"))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(format!("{base:?} is not an absolute http or https URL"));
+        }
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self { client, base, secret, timeout })
+    }
+
+    /// `POST /v1/checkout/sessions` with the trip's idempotency key.
+    ///
+    /// # Errors
+    /// See [`StripeError`].
+    pub async fn create_checkout_session(
+        &self,
+        cmd: &CreateSession,
+        urls: &CheckoutUrls,
+    ) -> Result<Session, StripeError> {
+        let request = checkout_params(cmd, urls).build();
+        debug_assert!(matches!(request.method, StripeMethod::Post));
+        let uri = format!("{}v1{}", self.base, request.path);
+        let mut authorization =
+            HeaderValue::try_from(format!("Bearer {}", self.secret.expose_secret())).map_err(
+                |_| StripeError::Transport("STRIPE_SECRET_KEY is not a valid header value".into()),
+            )?;
+        authorization.set_sensitive(true);
+        let http_request = hyper::Request::post(uri)
+            .header(AUTHORIZATION, authorization)
+            .header(USER_AGENT, concat!("payment-worker/", env!("CARGO_PKG_VERSION")))
+            .header("Stripe-Version", api_version())
+            .header("Idempotency-Key", idempotency_key(&cmd.trip_id))
+            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(request.body.unwrap_or_default())))
+            .map_err(|e| StripeError::Transport(e.to_string()))?;
+
+        let exchange = async {
+            let response = self
+                .client
+                .request(http_request)
+                .await
+                .map_err(|e| StripeError::Transport(error_chain(&e)))?;
+            let status = response.status().as_u16();
+            let header = |name: &str| {
+                response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+            };
+            let should_retry = header("stripe-should-retry").and_then(|v| v.parse().ok());
+            let replayed = header("idempotent-replayed").is_some_and(|v| v == "true");
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| StripeError::Transport(error_chain(&e)))?
+                .to_bytes();
+            Ok((status, should_retry, replayed, body))
+        };
+        let (status, should_retry, replayed, body) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| StripeError::Timeout(self.timeout))??;
+
+        if (200..300).contains(&status) {
+            let session: SessionObject = serde_json::from_slice(&body)
+                .map_err(|e| StripeError::BadResponse(format!("session object: {e}")))?;
+            return Ok(Session { id: session.id, replayed });
+        }
+        let detail = serde_json::from_slice::<ErrorBody>(&body).ok().map(|b| b.error);
+        Err(StripeError::Api {
+            status,
+            should_retry,
+            kind: detail.as_ref().and_then(|d| d.kind.clone()),
+            code: detail.as_ref().and_then(|d| d.code.clone()),
+            message: detail
+                .and_then(|d| d.message)
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect()),
+        })
+    }
+}
+
+/// An error and its sources, joined with `: `.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, should_retry: Option<bool>, kind: Option<&str>) -> StripeError {
+        StripeError::Api {
+            status,
+            should_retry,
+            kind: kind.map(str::to_owned),
+            code: None,
+            message: "m".into(),
+        }
+    }
+
+    #[test]
+    fn classifies_transient_failures() {
+        assert!(StripeError::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(StripeError::Transport("reset".into()).is_transient());
+        for status in [409, 429, 500, 502, 503] {
+            assert!(api(status, None, None).is_transient(), "{status}");
+        }
+        for status in [400, 401, 402, 404] {
+            assert!(!api(status, None, None).is_transient(), "{status}");
+        }
+        assert!(!api(500, Some(false), None).is_transient(), "Stripe-Should-Retry: false wins");
+        assert!(api(400, Some(true), None).is_transient(), "Stripe-Should-Retry: true wins");
+        let conflict = api(400, None, Some("idempotency_error"));
+        assert!(conflict.is_idempotency_conflict() && !conflict.is_transient());
+        assert_eq!(conflict.class(), "idempotency_conflict");
+    }
+
+    #[test]
+    fn rejects_a_base_that_is_not_a_url() {
+        for base in ["", "stripe", "ftp://x/", "/v1"] {
+            assert!(
+                StripeApi::new(base, "sk".to_owned().into(), Duration::from_secs(1)).is_err(),
+                "{base}"
+            );
+        }
+        let api =
+            StripeApi::new("http://127.0.0.1:1", "sk".to_owned().into(), Duration::from_secs(1))
+                .unwrap();
+        assert_eq!(api.base, "http://127.0.0.1:1/");
+        assert!(!format!("{api:?}").contains("sk"));
+    }
+}

@@ -1,0 +1,613 @@
+//! The consumer: one broker session at a time, deliveries handled concurrently up to the
+//! prefetch, every delivery settled only after its replacement is confirmed.
+//!
+//! For each `payment.cmd.create_session` delivery exactly one of these happens:
+//!
+//! * **succeeded**: the Checkout Session exists, `payment.event.session_created` is confirmed,
+//!   the command is acked;
+//! * **retried**: a transient failure; a copy with the next delay as TTL is confirmed into its
+//!   wait queue (which dead-letters it back to the work queue), the command is acked;
+//! * **parked**: a permanent failure or the last attempt; a copy is confirmed into the parking
+//!   queue, the command is acked;
+//! * **requeued**: not even the parked copy was accepted; the command is nacked back;
+//! * **abandoned**: the channel failed mid-way; the session ends and the broker redelivers.
+//!
+//! Stripe calls are idempotent by trip, so whatever is done twice is harmless.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use deadpool_lapin::Pool;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::broker::{PublishError, Publisher};
+use crate::contract::CreateSession;
+use crate::health::Readiness;
+use crate::metrics::{Metrics, Outcome};
+use crate::retry::{self, FailedAttempt, Origin, ParkReason, RetryState};
+use crate::stripe::{CheckoutUrls, Gateway, StripeError, error_chain};
+use crate::topology::{Topology, TopologyError};
+
+/// How long a requeued command is held before it goes back, so that a broker refusing every
+/// replacement does not turn into a hot loop.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Reconnecting after the broker session is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectPolicy {
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+    /// Consecutive failed sessions before the worker gives up and exits non-zero.
+    pub max_attempts: usize,
+}
+
+impl ReconnectPolicy {
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        ExponentialBuilder::default()
+            .with_min_delay(self.min_delay)
+            .with_max_delay(self.max_delay)
+            .with_jitter()
+            .with_max_times(self.max_attempts)
+            .build()
+    }
+}
+
+/// Everything the worker needs besides the broker and Stripe.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Deliveries in flight at once (`basic.qos`).
+    pub prefetch: u16,
+    /// How long a graceful stop waits for in-flight deliveries.
+    pub shutdown_grace: Duration,
+    pub reconnect: ReconnectPolicy,
+    pub urls: CheckoutUrls,
+}
+
+/// Why the worker stopped without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Topology(TopologyError),
+    #[error("gave up after {attempts} failed broker sessions in a row; last: {last}")]
+    ReconnectBudgetSpent { attempts: usize, last: String },
+}
+
+/// How one broker session ended.
+enum SessionEnd {
+    /// Asked to stop; in-flight work was drained.
+    Stopped,
+    /// The session failed; `consumed` tells whether it had got as far as consuming.
+    Lost { consumed: bool, cause: String },
+    /// The broker refused the topology in a way retrying cannot fix.
+    Fatal(TopologyError),
+}
+
+/// The long-running consumer.
+pub struct Worker {
+    topology: Arc<Topology>,
+    gateway: Arc<Gateway>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    pub fn new(
+        topology: Arc<Topology>,
+        gateway: Arc<Gateway>,
+        pool: Pool,
+        metrics: Arc<Metrics>,
+        readiness: Readiness,
+        settings: WorkerSettings,
+    ) -> Self {
+        Self { topology, gateway, pool, metrics, readiness, settings }
+    }
+
+    /// Consumes until `shutdown` is cancelled, reconnecting after every lost session.
+    ///
+    /// # Errors
+    /// When the broker refuses the topology (406), or the reconnect budget is spent.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let mut backoff = self.settings.reconnect.backoff();
+        let mut failures = 0;
+        loop {
+            let end = self.session(&shutdown).await;
+            self.metrics.broker_connected.set(0);
+            match end {
+                SessionEnd::Stopped => return Ok(()),
+                SessionEnd::Fatal(e) => {
+                    self.readiness.set_not_ready("topology refused by the broker");
+                    return Err(WorkerError::Topology(e));
+                }
+                SessionEnd::Lost { consumed, cause } => {
+                    self.readiness.set_not_ready(format!("broker session lost: {cause}"));
+                    if consumed {
+                        backoff = self.settings.reconnect.backoff();
+                        failures = 0;
+                    }
+                    failures += 1;
+                    let Some(delay) = backoff.next() else {
+                        return Err(WorkerError::ReconnectBudgetSpent {
+                            attempts: failures,
+                            last: cause,
+                        });
+                    };
+                    warn!(cause = %cause, retry_in_ms = delay.as_millis() as u64, "broker session lost, reconnecting");
+                    self.metrics.broker_reconnects.inc();
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> SessionEnd {
+        let lost = |cause: String| SessionEnd::Lost { consumed: false, cause };
+        let connection = match self.pool.get().await {
+            Ok(connection) => connection,
+            Err(e) => return lost(format!("connecting: {}", error_chain(&e))),
+        };
+        let setup = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| lost(format!("opening a channel: {e}")))?;
+            if let Err(e) = self.topology.declare(&channel).await {
+                return Err(if e.is_transient() {
+                    lost(e.to_string())
+                } else {
+                    SessionEnd::Fatal(e)
+                });
+            }
+            let _ = channel.close(200, "topology declared".into()).await;
+            let publisher = Publisher::open(&connection)
+                .await
+                .map_err(|e| lost(format!("opening the publish channel: {e}")))?;
+            let consume = connection
+                .create_channel()
+                .await
+                .map_err(|e| lost(format!("opening the consume channel: {e}")))?;
+            consume
+                .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| lost(format!("basic.qos: {e}")))?;
+            let consumer = consume
+                .basic_consume(
+                    self.topology.work_queue.name.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| lost(format!("consuming {}: {e}", self.topology.work_queue.name)))?;
+            Ok((publisher, consume, consumer))
+        };
+        let (publisher, consume, mut consumer) = match setup.await {
+            Ok(parts) => parts,
+            Err(end) => {
+                close(&connection).await;
+                return end;
+            }
+        };
+        info!(queue = %self.topology.work_queue.name, prefetch = self.settings.prefetch, profile = %self.topology.profile, "consuming");
+        self.readiness.set_ready();
+        self.metrics.broker_connected.set(1);
+
+        let session_failed = CancellationToken::new();
+        let handler = Arc::new(Handler {
+            topology: self.topology.clone(),
+            gateway: self.gateway.clone(),
+            metrics: self.metrics.clone(),
+            urls: self.settings.urls.clone(),
+            publisher,
+            session_failed: session_failed.clone(),
+        });
+        let mut tasks = JoinSet::new();
+        // Delivery tags by task, so a handler that panicked still hands its message back.
+        let mut in_flight = HashMap::new();
+
+        let cause = loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break None,
+                () = session_failed.cancelled() => break Some("a channel failed while publishing".to_owned()),
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    let (id, panicked) = match joined {
+                        Ok((id, ())) => (id, false),
+                        Err(e) => (e.id(), e.is_panic()),
+                    };
+                    if let Some(acker) = in_flight.remove(&id)
+                        && panicked
+                    {
+                        error!("a delivery handler panicked; handing its message back to the broker");
+                        requeue(&acker).await;
+                    }
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let acker = delivery.acker.clone();
+                        let handler = handler.clone();
+                        let handle = tasks.spawn(async move { handler.handle(delivery).await; });
+                        in_flight.insert(handle.id(), acker);
+                    }
+                    Some(Err(e)) => break Some(format!("consumer: {e}")),
+                    None => break Some(format!("the broker cancelled the consumer on {}", self.topology.work_queue.name)),
+                },
+            }
+        };
+
+        self.readiness.set_not_ready(match &cause {
+            None => "shutting down".to_owned(),
+            Some(cause) => format!("broker session lost: {cause}"),
+        });
+        match cause {
+            None => {
+                let _ = consume.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                let in_flight_count = tasks.len();
+                info!(
+                    in_flight = in_flight_count,
+                    grace_ms = self.settings.shutdown_grace.as_millis() as u64,
+                    "stopping: draining in-flight deliveries"
+                );
+                let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
+                    while tasks.join_next().await.is_some() {}
+                })
+                .await;
+                if drained.is_err() {
+                    warn!(
+                        left = tasks.len(),
+                        "shutdown grace spent; the broker will redeliver what is left"
+                    );
+                    tasks.abort_all();
+                }
+                close(&connection).await;
+                SessionEnd::Stopped
+            }
+            Some(cause) => {
+                self.metrics.channel_errors.inc();
+                tasks.abort_all();
+                // Closing the connection hands every unacked delivery back to the broker.
+                close(&connection).await;
+                SessionEnd::Lost { consumed: true, cause }
+            }
+        }
+    }
+}
+
+async fn close(connection: &Connection) {
+    if connection.status().connected() {
+        let _ = connection.close(200, "payment-worker session ended".into()).await;
+    }
+}
+
+async fn requeue(acker: &lapin::Acker) {
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    if let Err(e) = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+        warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
+    }
+}
+
+/// What one broker session shares among its delivery tasks.
+struct Handler {
+    topology: Arc<Topology>,
+    gateway: Arc<Gateway>,
+    metrics: Arc<Metrics>,
+    urls: CheckoutUrls,
+    publisher: Publisher,
+    /// Cancelled when a publish finds the channel broken: the session must start over.
+    session_failed: CancellationToken,
+}
+
+/// Why an attempt did not succeed.
+enum Failure {
+    Transient(String),
+    Permanent(ParkReason, String),
+    /// The publish channel broke: nothing more can be done in this session.
+    Channel(String),
+}
+
+impl Handler {
+    async fn handle(&self, delivery: Delivery) {
+        let started = Instant::now();
+        let started_ms = retry::now_ms();
+        let state = RetryState::from_properties(&delivery.properties);
+        let attempt = state.attempts.saturating_add(1);
+        // Only known tiers become label values: a forged header cannot grow the label set.
+        if let (Some(tier), Some(spent)) = (&state.retry_tier, state.time_in_broker(started_ms))
+            && self.topology.retry.delays.iter().any(|d| d.label() == tier)
+        {
+            self.metrics
+                .retry_delay
+                .with_label_values(&[tier.as_str()])
+                .observe(spent.as_secs_f64());
+        }
+        let origin = Origin {
+            exchange: state
+                .original_exchange
+                .clone()
+                .unwrap_or_else(|| delivery.exchange.to_string()),
+            routing_key: state
+                .original_routing_key
+                .clone()
+                .unwrap_or_else(|| delivery.routing_key.to_string()),
+        };
+        let command = CreateSession::decode(&delivery.data);
+        let trip_id = command.as_ref().map(|c| c.trip_id.clone()).unwrap_or_default();
+        let span = info_span!("command", trip_id = %trip_id, attempt, delivery_tag = delivery.delivery_tag);
+
+        async {
+            let result = if origin.routing_key != self.topology.routing_keys.create_session {
+                Err(Failure::Permanent(
+                    ParkReason::UnexpectedRoutingKey,
+                    format!("routing key {:?} is not {:?}", origin.routing_key, self.topology.routing_keys.create_session),
+                ))
+            } else {
+                match command {
+                    Err(invalid) => Err(Failure::Permanent(ParkReason::InvalidMessage, invalid.to_string())),
+                    Ok(command) => self.create(&command, &delivery.properties).await,
+                }
+            };
+            let failed = |error| FailedAttempt {
+                origin: &origin,
+                state: &state,
+                number: attempt,
+                started_ms,
+                now_ms: retry::now_ms(),
+                error,
+            };
+            let outcome = match result {
+                Ok(()) => Outcome::Succeeded,
+                Err(Failure::Channel(error)) => {
+                    warn!(error = %error, "publish channel failed; the broker will redeliver");
+                    Outcome::Abandoned
+                }
+                Err(Failure::Permanent(reason, detail)) => self.park(&delivery, &failed(detail.as_str()), reason).await,
+                Err(Failure::Transient(error)) => match self.topology.delay_after(attempt) {
+                    None => self.park(&delivery, &failed(error.as_str()), ParkReason::RetriesExhausted).await,
+                    Some(delay) => {
+                        let properties = failed(error.as_str()).retry_properties(&delivery.properties, delay.label(), delay.millis());
+                        match self.publisher.publish(&self.topology.retry.exchange, delay.label(), &delivery.data, properties).await {
+                            Ok(()) => {
+                                info!(outcome = "retried", tier = delay.label(), error = %error, "attempt failed, retry scheduled in the broker");
+                                Outcome::Retried
+                            }
+                            Err(e) => {
+                                self.count_publish_failure(&e);
+                                if e.is_channel_failure() {
+                                    self.session_failed.cancel();
+                                    Outcome::Abandoned
+                                } else {
+                                    let detail = format!("{error}; the retry copy was refused: {e}");
+                                    self.park(&delivery, &failed(detail.as_str()), ParkReason::RetryUnroutable).await
+                                }
+                            }
+                        }
+                    }
+                },
+            };
+            self.settle(&delivery, outcome).await;
+            self.metrics.record_outcome(outcome, attempt);
+            self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
+            if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
+                let first_seen = state.first_seen_at.unwrap_or(started_ms);
+                let total = Duration::from_millis(retry::now_ms().saturating_sub(first_seen));
+                self.metrics.command_duration.with_label_values(&[outcome.as_str()]).observe(total.as_secs_f64());
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Creates the session and publishes the event.
+    async fn create(
+        &self,
+        command: &CreateSession,
+        incoming: &BasicProperties,
+    ) -> Result<(), Failure> {
+        self.metrics.stripe_in_flight.inc();
+        let started = Instant::now();
+        let session = self.gateway.create_session(command, &self.urls).await;
+        self.metrics.stripe_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.stripe_in_flight.dec();
+        let session = match session {
+            Ok(session) => {
+                let result = if session.replayed { "replayed" } else { "created" };
+                self.metrics.stripe_requests.with_label_values(&[result]).inc();
+                session
+            }
+            Err(e) => {
+                self.metrics.stripe_requests.with_label_values(&[e.class()]).inc();
+                return Err(stripe_failure(e));
+            }
+        };
+        let body = command.session_created(&session.id);
+        let properties = event_properties(
+            format!("{}:{}", self.topology.routing_keys.session_created, command.trip_id),
+            incoming,
+        );
+        match self
+            .publisher
+            .publish(
+                &self.topology.exchanges.trip,
+                &self.topology.routing_keys.session_created,
+                &body,
+                properties,
+            )
+            .await
+        {
+            Ok(()) => {
+                info!(outcome = "succeeded", session_id = %session.id, replayed = session.replayed, "session created, event published");
+                Ok(())
+            }
+            Err(e) => {
+                self.count_publish_failure(&e);
+                if e.is_channel_failure() {
+                    self.session_failed.cancel();
+                    Err(Failure::Channel(e.to_string()))
+                } else {
+                    Err(Failure::Transient(format!(
+                        "publishing {}: {e}",
+                        self.topology.routing_keys.session_created
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Publishes the parked copy.
+    async fn park(
+        &self,
+        delivery: &Delivery,
+        failed: &FailedAttempt<'_>,
+        reason: ParkReason,
+    ) -> Outcome {
+        let properties = failed.parked_properties(&delivery.properties, reason);
+        match self
+            .publisher
+            .publish("", &self.topology.parking.queue, &delivery.data, properties)
+            .await
+        {
+            Ok(()) => {
+                warn!(outcome = "parked", reason = reason.as_str(), error = %failed.error, "message parked");
+                Outcome::Parked(reason)
+            }
+            Err(e) => {
+                self.count_publish_failure(&e);
+                if e.is_channel_failure() {
+                    self.session_failed.cancel();
+                    Outcome::Abandoned
+                } else {
+                    error!(outcome = "requeued", reason = reason.as_str(), error = %e, "the parking queue refused the message; handing it back");
+                    Outcome::Requeued
+                }
+            }
+        }
+    }
+
+    /// Acks once the replacement is confirmed, or hands the message back.
+    async fn settle(&self, delivery: &Delivery, outcome: Outcome) {
+        match outcome {
+            Outcome::Succeeded | Outcome::Retried | Outcome::Parked(_) => {
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    // The replacement is already confirmed; the broker redelivers the original
+                    // and idempotency makes the second pass harmless.
+                    warn!(error = %e, "ack failed after the replacement was confirmed");
+                    self.metrics.channel_errors.inc();
+                    self.session_failed.cancel();
+                }
+            }
+            Outcome::Requeued => requeue(&delivery.acker).await,
+            Outcome::Abandoned => {}
+        }
+    }
+
+    fn count_publish_failure(&self, error: &PublishError) {
+        let kind = match error {
+            PublishError::Nacked => "nacked",
+            PublishError::Returned { .. } => "returned",
+            PublishError::Channel(_) => "channel",
+        };
+        self.metrics.publish_failures.with_label_values(&[kind]).inc();
+    }
+}
+
+fn stripe_failure(error: StripeError) -> Failure {
+    let text = error.to_string();
+    if error.is_transient() {
+        Failure::Transient(text)
+    } else if error.is_idempotency_conflict() {
+        Failure::Permanent(ParkReason::IdempotencyConflict, text)
+    } else if matches!(error, StripeError::BadResponse(_)) {
+        Failure::Permanent(ParkReason::StripeBadResponse, text)
+    } else {
+        Failure::Permanent(ParkReason::StripeRejected, text)
+    }
+}
+
+/// Properties of an event published on behalf of `incoming`: persistent JSON with a
+/// deterministic message id, continuing the incoming W3C trace.
+pub fn event_properties(message_id: String, incoming: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(incoming) = incoming.headers()
+        && let Some(parent) =
+            retry::string(incoming, "traceparent").and_then(|p| continue_trace(&p))
+    {
+        headers.insert("traceparent".into(), AMQPValue::LongString(LongString::from(parent)));
+        for key in ["tracestate", "baggage"] {
+            if let Some(value) = retry::string(incoming, key).filter(|v| !v.is_empty()) {
+                headers.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+            }
+        }
+    }
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into());
+    if headers.inner().is_empty() { properties } else { properties.with_headers(headers) }
+}
+
+/// A `traceparent` for a child span of `parent`: same trace id and flags, a new span id.
+/// `None` when `parent` is not a valid version-00 traceparent.
+pub fn continue_trace(parent: &str) -> Option<String> {
+    let parts: Vec<&str> = parent.trim().split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    match parts.as_slice() {
+        [version, trace, span, flags]
+            if hex(version, 2)
+                && *version != "ff"
+                && hex(trace, 32)
+                && hex(span, 16)
+                && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0')
+                && span.bytes().any(|b| b != b'0') =>
+        {
+            let child = loop {
+                let id: u64 = rand::random();
+                if id != 0 {
+                    break id;
+                }
+            };
+            Some(format!("00-{trace}-{child:016x}-{flags}"))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continues_a_valid_trace_with_a_new_span() {
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let child = continue_trace(parent).unwrap();
+        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(child.ends_with("-01"));
+        assert_ne!(child, parent);
+        assert_eq!(child.len(), parent.len());
+        for bad in [
+            "",
+            "00-abc-def-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(continue_trace(bad), None, "{bad}");
+        }
+    }
+}
