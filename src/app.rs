@@ -148,7 +148,8 @@ async fn poll_queue_depths(
 ) {
     let mut queues = vec![topology.work_queue.name.clone(), topology.parking.queue.clone()];
     queues.extend(topology.retry.delays.iter().map(|d| topology.wait_queue(d)));
-    let mut ticker = tokio::time::interval(interval);
+    // The first reading waits one interval: the worker declares the queues meanwhile.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -56,6 +56,7 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the worker: consume commands, create sessions, publish events.
+    #[command(args_override_self = true)]
     Run(Box<RunArgs>),
 }
 

@@ -1,1 +1,51 @@
+//! Test fixtures for payment-worker.
+//!
+//! - [`vhost::Vhost`]: a RabbitMQ virtual host of a test's own on the local broker, deleted
+//!   when dropped, so tests run in parallel and leave nothing behind.
+//! - [`stripe::StripeStandin`]: a local server that behaves like Stripe's Checkout Sessions
+//!   endpoint: form-encoded parameters, Idempotency-Key replay, `idempotency_error` on a
+//!   changed request, and scripted failures.
+//! - [`amqp`]: publishing commands and reading queues the way the trip system would.
 
+pub mod amqp;
+pub mod stripe;
+pub mod vhost;
+
+/// A plain HTTP/1.0 GET on loopback: `(status, body)`, or `None` when nothing answers.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A loopback address with a port that was free a moment ago, for a child process to bind.
+///
+/// # Panics
+/// When no port can be bound.
+pub fn free_loopback_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    listener.local_addr().expect("bound address")
+}

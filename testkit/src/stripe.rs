@@ -1,0 +1,357 @@
+//! A local stand-in for Stripe's `POST /v1/checkout/sessions`.
+//!
+//! It behaves as Stripe documents: form-encoded parameters; a request with an
+//! `Idempotency-Key` it has seen replays the saved answer (marked `Idempotent-Replayed: true`)
+//! when the parameters are the same, and is a 400 `idempotency_error` when they differ;
+//! validation failures, 429s, dropped connections and answers marked
+//! `Stripe-Should-Retry: true` are not saved; a 500 after execution began is saved and
+//! replayed. Failures are scripted per trip (read from `metadata[trip_id]`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// What the stand-in does with the next request for a trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Create the session and answer 200.
+    Succeed,
+    /// Answer with an error status. `saved`: stored under the idempotency key and replayed
+    /// (as Stripe does for a 500 once execution began). `should_retry`: the
+    /// `Stripe-Should-Retry` header, if any.
+    Fail { status: u16, kind: &'static str, saved: bool, should_retry: Option<bool> },
+    /// Close the connection without answering; nothing is saved.
+    Drop,
+    /// Create and save the session, then answer only after this long (the client has
+    /// usually given up by then: the session exists, the answer is lost).
+    Slow(Duration),
+}
+
+impl Behaviour {
+    /// A 503 before execution began: not saved, `Stripe-Should-Retry: true`.
+    pub fn unavailable() -> Self {
+        Self::Fail { status: 503, kind: "api_error", saved: false, should_retry: Some(true) }
+    }
+
+    /// A 429 rate limit: never saved.
+    pub fn rate_limited() -> Self {
+        Self::Fail { status: 429, kind: "rate_limit_error", saved: false, should_retry: None }
+    }
+
+    /// A 500 after execution began: saved and replayed for this key.
+    pub fn saved_server_error() -> Self {
+        Self::Fail { status: 500, kind: "api_error", saved: true, should_retry: Some(false) }
+    }
+
+    /// A permanent 400 (such as an amount below the currency's minimum).
+    pub fn invalid_request() -> Self {
+        Self::Fail { status: 400, kind: "invalid_request_error", saved: true, should_retry: None }
+    }
+}
+
+/// One request as the stand-in saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub idempotency_key: Option<String>,
+    pub params: BTreeMap<String, String>,
+    pub stripe_version: Option<String>,
+    pub status: u16,
+    pub replayed: bool,
+    pub at: Instant,
+}
+
+/// A session the stand-in created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub id: String,
+    pub trip_id: String,
+    pub idempotency_key: Option<String>,
+    pub params: BTreeMap<String, String>,
+}
+
+#[derive(Default)]
+struct State {
+    scripts: HashMap<String, VecDeque<Behaviour>>,
+    /// Idempotency key → (sorted parameters, status, body, should_retry header).
+    saved: HashMap<String, (BTreeMap<String, String>, u16, String, Option<bool>)>,
+    created: Vec<Created>,
+    seen: Vec<Seen>,
+    delay: Duration,
+}
+
+/// The running stand-in; stops when dropped.
+pub struct StripeStandin {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StripeStandin {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// The secret key the stand-in accepts.
+pub const SECRET_KEY: &str = "sk_test_standin";
+
+impl StripeStandin {
+    /// Starts on a free loopback port.
+    ///
+    /// # Panics
+    /// When no port can be bound.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let addr = listener.local_addr().expect("bound address");
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = state.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| handle(state.clone(), request));
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Self { addr, state, server }
+    }
+
+    /// The base URL to give the worker as `STRIPE_API_BASE`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Queues behaviours for the next requests about `trip_id`; once they are used up,
+    /// requests succeed.
+    pub fn script(&self, trip_id: &str, behaviours: impl IntoIterator<Item = Behaviour>) {
+        self.lock().scripts.entry(trip_id.to_owned()).or_default().extend(behaviours);
+    }
+
+    /// Delays every answer by `delay` (a slow but healthy Stripe).
+    pub fn set_latency(&self, delay: Duration) {
+        self.lock().delay = delay;
+    }
+
+    /// Sessions created so far.
+    pub fn created(&self) -> Vec<Created> {
+        self.lock().created.clone()
+    }
+
+    /// Sessions created for one trip.
+    pub fn created_for(&self, trip_id: &str) -> Vec<Created> {
+        self.lock().created.iter().filter(|c| c.trip_id == trip_id).cloned().collect()
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.lock().seen.clone()
+    }
+
+    /// Requests seen about one trip.
+    pub fn seen_for(&self, trip_id: &str) -> Vec<Seen> {
+        self.lock()
+            .seen
+            .iter()
+            .filter(|s| s.params.get("metadata[trip_id]").map(String::as_str) == Some(trip_id))
+            .cloned()
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+type Answer = Result<Response<Full<Bytes>>, std::io::Error>;
+
+async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer {
+    let lock = || state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let header = |name: &str| {
+        request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    };
+    let key = header("idempotency-key");
+    let stripe_version = header("stripe-version");
+    let authorized = header("authorization").as_deref() == Some(&format!("Bearer {SECRET_KEY}"));
+    let route_ok = request.method() == hyper::Method::POST && request.uri().path() == "/v1/checkout/sessions";
+    let form = header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let params: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let trip_id = params.get("metadata[trip_id]").cloned().unwrap_or_default();
+    let record = |status: u16, replayed: bool| {
+        lock().seen.push(Seen {
+            idempotency_key: key.clone(),
+            params: params.clone(),
+            stripe_version: stripe_version.clone(),
+            status,
+            replayed,
+            at: Instant::now(),
+        });
+    };
+    let delay = lock().delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+
+    if !authorized {
+        record(401, false);
+        return Ok(error(401, "invalid_request_error", None, "Invalid API Key provided", None));
+    }
+    if !route_ok {
+        record(404, false);
+        return Ok(error(404, "invalid_request_error", None, "Unrecognized request URL", None));
+    }
+    if !form {
+        record(400, false);
+        return Ok(error(400, "invalid_request_error", None, "Expected a form-encoded body", None));
+    }
+    // Replays first: Stripe answers a seen key before doing anything else.
+    if let Some(key) = &key {
+        let saved = lock().saved.get(key).cloned();
+        if let Some((saved_params, status, body, should_retry)) = saved {
+            if saved_params != params {
+                record(400, false);
+                return Ok(error(
+                    400,
+                    "idempotency_error",
+                    None,
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with.",
+                    None,
+                ));
+            }
+            record(status, true);
+            return Ok(json(status, body, true, should_retry));
+        }
+    }
+    if let Some(problem) = validate(&params) {
+        record(400, false);
+        return Ok(error(400, "invalid_request_error", Some("parameter_missing"), &problem, None));
+    }
+
+    let behaviour = lock().scripts.get_mut(&trip_id).and_then(VecDeque::pop_front).unwrap_or(Behaviour::Succeed);
+    match behaviour {
+        Behaviour::Drop => {
+            record(0, false);
+            Err(std::io::Error::other("scripted: connection dropped"))
+        }
+        Behaviour::Fail { status, kind, saved, should_retry } => {
+            let body = error_body(kind, None, &format!("scripted {status}"));
+            if saved && let Some(key) = &key {
+                lock().saved.insert(key.clone(), (params.clone(), status, body.clone(), should_retry));
+            }
+            record(status, false);
+            Ok(json(status, body, false, should_retry))
+        }
+        Behaviour::Succeed | Behaviour::Slow(_) => {
+            let body = {
+                let mut state = lock();
+                let id = format!("cs_test_standin_{:06}_{}", state.created.len() + 1, random_suffix());
+                let body = session_body(&id, &params);
+                state.created.push(Created {
+                    id,
+                    trip_id: trip_id.clone(),
+                    idempotency_key: key.clone(),
+                    params: params.clone(),
+                });
+                if let Some(key) = &key {
+                    state.saved.insert(key.clone(), (params.clone(), 200, body.clone(), None));
+                }
+                body
+            };
+            if let Behaviour::Slow(wait) = behaviour {
+                tokio::time::sleep(wait).await;
+            }
+            record(200, false);
+            Ok(json(200, body, false, None))
+        }
+    }
+}
+
+fn random_suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// What Stripe would refuse before executing anything.
+fn validate(params: &BTreeMap<String, String>) -> Option<String> {
+    for required in [
+        "mode",
+        "success_url",
+        "line_items[0][price_data][currency]",
+        "line_items[0][price_data][unit_amount]",
+        "line_items[0][price_data][product_data][name]",
+        "line_items[0][quantity]",
+    ] {
+        if !params.contains_key(required) {
+            return Some(format!("Missing required param: {required}."));
+        }
+    }
+    match params["line_items[0][price_data][unit_amount]"].parse::<i64>() {
+        Ok(n) if (1..=99_999_999).contains(&n) => None,
+        _ => Some("Invalid integer: unit_amount".into()),
+    }
+}
+
+fn session_body(id: &str, params: &BTreeMap<String, String>) -> String {
+    let get = |k: &str| params.get(k).cloned().unwrap_or_default();
+    let metadata: serde_json::Map<String, serde_json::Value> = params
+        .iter()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix("metadata[")?.strip_suffix(']')?;
+            Some((key.to_owned(), serde_json::Value::String(v.clone())))
+        })
+        .collect();
+    let amount: i64 = get("line_items[0][price_data][unit_amount]").parse().unwrap_or(0);
+    serde_json::json!({
+        "id": id,
+        "object": "checkout.session",
+        "amount_subtotal": amount,
+        "amount_total": amount,
+        "cancel_url": get("cancel_url"),
+        "client_reference_id": params.get("client_reference_id"),
+        "created": 1_764_000_000,
+        "currency": get("line_items[0][price_data][currency]"),
+        "expires_at": 1_764_086_400,
+        "livemode": false,
+        "metadata": metadata,
+        "mode": get("mode"),
+        "payment_status": "unpaid",
+        "status": "open",
+        "success_url": get("success_url"),
+        "url": format!("https://checkout.stripe.com/c/pay/{id}"),
+    })
+    .to_string()
+}
+
+fn error_body(kind: &str, code: Option<&str>, message: &str) -> String {
+    serde_json::json!({ "error": { "type": kind, "code": code, "message": message } }).to_string()
+}
+
+fn error(status: u16, kind: &str, code: Option<&str>, message: &str, should_retry: Option<bool>) -> Response<Full<Bytes>> {
+    json(status, error_body(kind, code, message), false, should_retry)
+}
+
+fn json(status: u16, body: String, replayed: bool, should_retry: Option<bool>) -> Response<Full<Bytes>> {
+    let mut response = Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header("content-type", "application/json")
+        .header("request-id", format!("req_{}", random_suffix()));
+    if replayed {
+        response = response.header("idempotent-replayed", "true");
+    }
+    if let Some(retry) = should_retry {
+        response = response.header("stripe-should-retry", retry.to_string());
+    }
+    response.body(Full::new(Bytes::from(body))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+

@@ -1,0 +1,64 @@
+//! A virtual host per test on the local broker.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The broker the tests use: `TEST_AMQP_HOST` (default `127.0.0.1:5672`), guest/guest.
+pub fn broker_host() -> String {
+    std::env::var("TEST_AMQP_HOST").unwrap_or_else(|_| "127.0.0.1:5672".to_owned())
+}
+
+/// A vhost named after the test, with full permissions for `guest`; deleted on drop, with
+/// everything in it.
+pub struct Vhost {
+    name: String,
+}
+
+impl Vhost {
+    /// # Panics
+    /// When `rabbitmqctl` cannot create the vhost: the tests cannot run without it.
+    pub fn new(test: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "pw-test-{test}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Self { name }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:5672/<vhost>`.
+    pub fn uri(&self) -> String {
+        format!("amqp://guest:guest@{}/{}", broker_host(), self.name)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_vhost", &self.name, "-q"]).status();
+    }
+}
+
+/// Runs `rabbitmqctl` quietly.
+///
+/// # Panics
+/// When it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .arg("-q")
+        .output()
+        .expect("rabbitmqctl must be installed to run the tests");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

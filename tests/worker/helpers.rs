@@ -1,0 +1,118 @@
+//! A world per test: its own vhost, its own Stripe stand-in, workers started on demand.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use payment_worker::app::App;
+use payment_worker::config::{Cli, Command};
+use payment_worker::worker::WorkerError;
+use testkit::amqp::Client;
+use testkit::stripe::{SECRET_KEY, StripeStandin};
+use testkit::vhost::Vhost;
+use testkit::{eventually, http_get};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const EVENTS: &str = "notify_payment_session_created";
+pub const PARKED: &str = "payment_parked";
+pub const WORK: &str = "payment_trip_response";
+
+pub struct World {
+    pub stripe: StripeStandin,
+    pub client: Client,
+    // Last: dropped after the connections above are closed.
+    pub vhost: Vhost,
+}
+
+/// A worker running in this process.
+pub struct RunningWorker {
+    pub http: SocketAddr,
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl RunningWorker {
+    /// Asks the worker to stop and waits for it.
+    pub async fn stop(self) -> Result<(), WorkerError> {
+        self.shutdown.cancel();
+        self.handle.await.expect("worker task")
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    pub async fn join(self) -> Result<(), WorkerError> {
+        self.handle.await.expect("worker task")
+    }
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+impl World {
+    pub async fn new(test: &str) -> Self {
+        let vhost = Vhost::new(test);
+        let client = Client::connect(&vhost.uri()).await;
+        let stripe = StripeStandin::start().await;
+        Self { stripe, client, vhost }
+    }
+
+    /// The command-line arguments of a worker on this world's vhost and Stripe stand-in.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args = self.mock_args(&["--stripe-secret-key", SECRET_KEY]);
+        args.extend(["--stripe-api-base".into(), self.stripe.base_url()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
+    /// The same without a Stripe key: mock mode.
+    pub fn mock_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "payment-worker".into(),
+            "--rabbitmq-uri".into(),
+            self.vhost.uri(),
+            "run".into(),
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--queue-depth-interval".into(),
+            "200ms".into(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
+    /// Starts a worker in this process; returns once it has started (not necessarily ready).
+    pub async fn spawn_worker(&self, extra: &[&str]) -> RunningWorker {
+        self.spawn_with(self.args(extra)).await
+    }
+
+    /// Starts a worker with exactly these arguments.
+    pub async fn spawn_with(&self, args: Vec<String>) -> RunningWorker {
+        let cli = Cli::try_parse_from(args).expect("valid test arguments");
+        let Command::Run(run) = cli.command;
+        let app = App::build(&cli.global, &run).await.expect("worker builds");
+        let http = app.http_addr();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(app.run(shutdown.clone()));
+        RunningWorker { http, shutdown, handle }
+    }
+
+    /// Starts a worker and waits until `/readyz` says ready.
+    pub async fn start_worker(&self, extra: &[&str]) -> RunningWorker {
+        let worker = self.spawn_worker(extra).await;
+        wait_ready(worker.http).await;
+        worker
+    }
+}
+
+pub async fn wait_ready(http: SocketAddr) {
+    let ready = eventually(Duration::from_secs(20), || async move {
+        matches!(http_get(http, "/readyz").await, Some((200, _))).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "worker at {http} never became ready");
+}

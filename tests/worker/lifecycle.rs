@@ -1,0 +1,76 @@
+//! Stopping: a graceful stop finishes in-flight work; a killed process loses nothing.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use testkit::amqp::{command, inner};
+use testkit::stripe::Behaviour;
+use tokio::process::{Child, Command};
+
+use crate::helpers::{EVENTS, WORK, World, wait_ready};
+
+#[tokio::test]
+async fn a_graceful_stop_finishes_in_flight_work_and_redelivers_nothing() {
+    let world = World::new("graceful").await;
+    world.stripe.set_latency(Duration::from_millis(800));
+    let worker = world.start_worker(&[]).await;
+    for i in 0..5 {
+        world.client.send_command(&command(&format!("g-{i}"), "u", 100.0, "USD")).await;
+    }
+    // Once all five are delivered (each now waits on the slow Stripe), stop.
+    let delivered = testkit::eventually(Duration::from_secs(5), || async {
+        (world.client.depth(WORK).await == 0).then_some(())
+    })
+    .await;
+    assert!(delivered.is_some());
+    worker.stop().await.expect("clean stop");
+
+    let events = world.client.take(EVENTS, 5, Duration::from_secs(2)).await;
+    assert_eq!(events.len(), 5, "in-flight work was finished before exiting");
+    assert_eq!(world.client.depth(WORK).await, 0, "nothing handed back for redelivery");
+    assert_eq!(world.stripe.created().len(), 5);
+}
+
+/// Starts the real binary as a "pod" and waits until it is ready.
+async fn spawn_binary(world: &World) -> Child {
+    let http = testkit::free_loopback_addr();
+    let args = world.args(&["--http-addr", &http.to_string()]);
+    let child = Command::new(env!("CARGO_BIN_EXE_payment-worker"))
+        .args(&args[1..])
+        .env("LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker binary");
+    wait_ready(http).await;
+    child
+}
+
+#[tokio::test]
+async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
+    let world = World::new("killed").await;
+    world.stripe.script("k-1", [Behaviour::unavailable()]);
+    let mut first = spawn_binary(&world).await;
+    world.client.send_command(&command("k-1", "u", 100.0, "USD")).await;
+
+    // As soon as the retry copy sits in the wait queue, kill the worker outright.
+    let waiting = testkit::eventually(Duration::from_secs(20), || async {
+        (world.client.try_depth("payment_wait_1s").await == Some(1)).then_some(())
+    })
+    .await;
+    assert!(waiting.is_some(), "the retry copy never reached the wait queue");
+    first.start_kill().expect("SIGKILL");
+    first.wait().await.expect("reaped");
+    assert!(world.client.take(EVENTS, 1, Duration::from_millis(100)).await.is_empty());
+
+    // The retry survives in the broker; a new worker completes the trip once.
+    let mut second = spawn_binary(&world).await;
+    let events = world.client.take(EVENTS, 1, Duration::from_secs(20)).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(world.stripe.created_for("k-1").len(), 1, "one Stripe session");
+    assert_eq!(inner(&events[0].body)["sessionID"], world.stripe.created_for("k-1")[0].id.as_str());
+    assert!(world.client.take(EVENTS, 1, Duration::from_secs(2)).await.is_empty(), "no duplicate event");
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+}

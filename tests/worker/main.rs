@@ -1,0 +1,9 @@
+//! The worker against a real RabbitMQ (a vhost per test) and the Stripe stand-in.
+
+mod config;
+mod contract;
+mod helpers;
+mod invalid;
+mod lifecycle;
+mod retries;
+mod topology;
