@@ -18,6 +18,7 @@ use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
 use crate::stripe::{Gateway, StripeApi};
 use crate::topology::Topology;
+use crate::webhook::{Webhook, WebhookSettings};
 use crate::worker::{Worker, WorkerError, WorkerSettings};
 
 /// Why the worker could not start.
@@ -36,6 +37,8 @@ pub struct App {
     listener: TcpListener,
     worker: Worker,
     http: HttpState,
+    webhook: Arc<Webhook>,
+    webhook_max_body: usize,
     topology: Arc<Topology>,
     pool: Pool,
     depth_interval: Duration,
@@ -58,6 +61,7 @@ impl App {
             )),
             None => Gateway::Mock,
         };
+        let webhook_secrets = args.webhook_secrets().map_err(StartError::Config)?;
         let listener = TcpListener::bind(args.http_addr)
             .await
             .map_err(|source| StartError::Bind { addr: args.http_addr, source })?;
@@ -79,6 +83,16 @@ impl App {
             reconnect: args.reconnect_policy(),
             urls: args.checkout_urls(),
         };
+        let webhook = Arc::new(Webhook::new(
+            WebhookSettings {
+                secrets: webhook_secrets,
+                tolerance: args.stripe_webhook_tolerance,
+                dedup_capacity: args.webhook_dedup_capacity,
+            },
+            topology.clone(),
+            pool.clone(),
+            metrics.clone(),
+        ));
         let worker = Worker::new(
             topology.clone(),
             Arc::new(gateway),
@@ -91,6 +105,8 @@ impl App {
             listener,
             worker,
             http: HttpState { readiness, metrics },
+            webhook,
+            webhook_max_body: args.webhook_max_body as usize,
             topology,
             pool,
             depth_interval: args.queue_depth_interval,
@@ -113,7 +129,7 @@ impl App {
         let stop_http = CancellationToken::new();
         let server = {
             let stop = stop_http.clone();
-            let app = router(self.http.clone());
+            let app = router(self.http.clone(), self.webhook.clone(), self.webhook_max_body);
             tokio::spawn(async move {
                 let serve =
                     axum::serve(self.listener, app).with_graceful_shutdown(stop.cancelled_owned());

@@ -110,6 +110,23 @@ pub struct RunArgs {
     #[arg(long, env = "RECONNECT_MAX_DELAY", default_value = "30s", value_parser = parse_duration)]
     pub reconnect_max_delay: Duration,
 
+    /// Stripe webhook signing secrets (`whsec_…`), comma-separated during key rotation.
+    /// Unset: `POST /webhook/stripe` answers 503.
+    #[arg(long, env = "STRIPE_WEBHOOK_KEY", hide_env_values = true)]
+    stripe_webhook_key: Option<String>,
+
+    /// Largest accepted age of a webhook signature's timestamp.
+    #[arg(long, env = "STRIPE_WEBHOOK_TOLERANCE", default_value = "300s", value_parser = parse_duration)]
+    pub stripe_webhook_tolerance: Duration,
+
+    /// Largest webhook body accepted, in bytes; a larger one is answered 413 unread.
+    #[arg(long, env = "WEBHOOK_MAX_BODY", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
+    pub webhook_max_body: u32,
+
+    /// Stripe event ids remembered to drop duplicate webhook deliveries.
+    #[arg(long, env = "WEBHOOK_DEDUP_CAPACITY", default_value_t = 10_000)]
+    pub webhook_dedup_capacity: usize,
+
     /// How often queue depths are read from the broker for metrics.
     #[arg(long, env = "QUEUE_DEPTH_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub queue_depth_interval: Duration,
@@ -143,6 +160,24 @@ impl RunArgs {
             }
             Some(key) => Ok(Some(SecretString::from(key.clone()))),
         }
+    }
+
+    /// The webhook signing secrets; empty when unset.
+    ///
+    /// # Errors
+    /// When the variable is set but holds no secret.
+    pub fn webhook_secrets(&self) -> Result<Vec<SecretString>, String> {
+        let Some(list) = &self.stripe_webhook_key else { return Ok(Vec::new()) };
+        let secrets: Vec<SecretString> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| SecretString::from(s.to_owned()))
+            .collect();
+        if secrets.is_empty() {
+            return Err("invalid STRIPE_WEBHOOK_KEY (--stripe-webhook-key): set but empty; unset it to disable the webhook".into());
+        }
+        Ok(secrets)
     }
 
     pub fn checkout_urls(&self) -> CheckoutUrls {

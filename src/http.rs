@@ -1,15 +1,16 @@
-//! The HTTP server: liveness, readiness and metrics.
+//! The HTTP server: liveness, readiness, metrics and the Stripe webhook.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::health::Readiness;
 use crate::metrics::Metrics;
+use crate::webhook::{self, Webhook};
 
 /// What the HTTP handlers read.
 #[derive(Clone)]
@@ -18,12 +19,18 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
 }
 
-pub fn router(state: HttpState) -> Router {
+/// `/healthz`, `/readyz`, `/metrics` and `POST /webhook/stripe` (bodies up to `max_body`).
+pub fn router(state: HttpState, webhook: Arc<Webhook>, max_body: usize) -> Router {
+    let webhook = Router::new()
+        .route("/webhook/stripe", post(webhook::endpoint))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(webhook);
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(webhook)
 }
 
 /// The process is alive and serving HTTP.

@@ -12,6 +12,7 @@
 //! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
 //! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
 //! - [`broker`]: connection pool and confirmed, mandatory publishing.
+//! - [`webhook`]: Stripe's `checkout.session.completed` into `payment.event.success`.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
 
 pub mod app;
@@ -25,4 +26,5 @@ pub mod money;
 pub mod retry;
 pub mod stripe;
 pub mod topology;
+pub mod webhook;
 pub mod worker;

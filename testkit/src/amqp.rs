@@ -4,7 +4,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -23,7 +26,9 @@ pub fn command(trip_id: &str, user_id: &str, amount: f64, currency: &str) -> Vec
 
 /// `{"ownerId": owner, "data": base64(payload)}`.
 pub fn envelope(owner: &str, payload: &[u8]) -> Vec<u8> {
-    serde_json::json!({ "ownerId": owner, "data": STANDARD.encode(payload) }).to_string().into_bytes()
+    serde_json::json!({ "ownerId": owner, "data": STANDARD.encode(payload) })
+        .to_string()
+        .into_bytes()
 }
 
 /// The inner payload of an envelope body, as JSON.
@@ -74,7 +79,9 @@ impl Client {
     /// # Panics
     /// When the broker cannot be reached.
     pub async fn connect(uri: &str) -> Self {
-        let connection = Connection::connect(uri, ConnectionProperties::default()).await.expect("connect to the test broker");
+        let connection = Connection::connect(uri, ConnectionProperties::default())
+            .await
+            .expect("connect to the test broker");
         let channel = connection.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
         Self { connection, channel }
@@ -85,7 +92,13 @@ impl Client {
     ///
     /// # Panics
     /// When the broker does not confirm.
-    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &[u8], headers: &[(&str, &str)]) {
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) {
         let mut table = FieldTable::default();
         for (k, v) in headers {
             table.insert((*k).into(), AMQPValue::LongString(LongString::from(*v)));
@@ -96,7 +109,13 @@ impl Client {
             .with_headers(table);
         let confirm = self
             .channel
-            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
             .await
             .expect("publish");
         assert!(confirm.await.expect("confirm").is_ack(), "broker refused the test message");
@@ -112,7 +131,11 @@ impl Client {
     /// # Panics
     /// On a broker error (a missing queue, for instance).
     pub async fn get(&self, queue: &str) -> Option<Received> {
-        let message = self.channel.basic_get(queue.into(), BasicGetOptions::default()).await.expect("basic.get")?;
+        let message = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")?;
         let delivery = message.delivery;
         delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
         Some(Received {
@@ -152,7 +175,11 @@ impl Client {
     pub async fn try_depth(&self, queue: &str) -> Option<u32> {
         let channel = self.connection.create_channel().await.expect("channel");
         let declared = channel
-            .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .ok()?;
         let _ = channel.close(200, "depth read".into()).await;

@@ -13,9 +13,30 @@ pub mod vhost;
 
 /// A plain HTTP/1.0 GET on loopback: `(status, body)`, or `None` when nothing answers.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, &[], b"").await
+}
+
+/// A plain HTTP/1.0 request on loopback: `(status, body)`, or `None` when nothing answers.
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.ok()?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    // A server may refuse an oversized body before reading it; the answer still counts.
+    let _ = stream.write_all(body).await;
     let mut response = String::new();
     stream.read_to_string(&mut response).await.ok()?;
     let status = response.split(' ').nth(1)?.parse().ok()?;

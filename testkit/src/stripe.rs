@@ -79,11 +79,19 @@ pub struct Created {
     pub params: BTreeMap<String, String>,
 }
 
+/// An answer saved under an idempotency key.
+#[derive(Clone)]
+struct Saved {
+    params: BTreeMap<String, String>,
+    status: u16,
+    body: String,
+    should_retry: Option<bool>,
+}
+
 #[derive(Default)]
 struct State {
     scripts: HashMap<String, VecDeque<Behaviour>>,
-    /// Idempotency key → (sorted parameters, status, body, should_retry header).
-    saved: HashMap<String, (BTreeMap<String, String>, u16, String, Option<bool>)>,
+    saved: HashMap<String, Saved>,
     created: Vec<Created>,
     seen: Vec<Seen>,
     delay: Duration,
@@ -121,7 +129,8 @@ impl StripeStandin {
                 let state = shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| handle(state.clone(), request));
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let _ =
+                        http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
             }
         });
@@ -178,14 +187,15 @@ type Answer = Result<Response<Full<Bytes>>, std::io::Error>;
 
 async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer {
     let lock = || state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let header = |name: &str| {
-        request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-    };
+    let header =
+        |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let key = header("idempotency-key");
     let stripe_version = header("stripe-version");
     let authorized = header("authorization").as_deref() == Some(&format!("Bearer {SECRET_KEY}"));
-    let route_ok = request.method() == hyper::Method::POST && request.uri().path() == "/v1/checkout/sessions";
-    let form = header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    let route_ok =
+        request.method() == hyper::Method::POST && request.uri().path() == "/v1/checkout/sessions";
+    let form =
+        header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let params: BTreeMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
     let trip_id = params.get("metadata[trip_id]").cloned().unwrap_or_default();
@@ -219,7 +229,7 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
     // Replays first: Stripe answers a seen key before doing anything else.
     if let Some(key) = &key {
         let saved = lock().saved.get(key).cloned();
-        if let Some((saved_params, status, body, should_retry)) = saved {
+        if let Some(Saved { params: saved_params, status, body, should_retry }) = saved {
             if saved_params != params {
                 record(400, false);
                 return Ok(error(
@@ -239,7 +249,11 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
         return Ok(error(400, "invalid_request_error", Some("parameter_missing"), &problem, None));
     }
 
-    let behaviour = lock().scripts.get_mut(&trip_id).and_then(VecDeque::pop_front).unwrap_or(Behaviour::Succeed);
+    let behaviour = lock()
+        .scripts
+        .get_mut(&trip_id)
+        .and_then(VecDeque::pop_front)
+        .unwrap_or(Behaviour::Succeed);
     match behaviour {
         Behaviour::Drop => {
             record(0, false);
@@ -248,7 +262,10 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
         Behaviour::Fail { status, kind, saved, should_retry } => {
             let body = error_body(kind, None, &format!("scripted {status}"));
             if saved && let Some(key) = &key {
-                lock().saved.insert(key.clone(), (params.clone(), status, body.clone(), should_retry));
+                lock().saved.insert(
+                    key.clone(),
+                    Saved { params: params.clone(), status, body: body.clone(), should_retry },
+                );
             }
             record(status, false);
             Ok(json(status, body, false, should_retry))
@@ -256,7 +273,8 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
         Behaviour::Succeed | Behaviour::Slow(_) => {
             let body = {
                 let mut state = lock();
-                let id = format!("cs_test_standin_{:06}_{}", state.created.len() + 1, random_suffix());
+                let id =
+                    format!("cs_test_standin_{:06}_{}", state.created.len() + 1, random_suffix());
                 let body = session_body(&id, &params);
                 state.created.push(Created {
                     id,
@@ -265,7 +283,15 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
                     params: params.clone(),
                 });
                 if let Some(key) = &key {
-                    state.saved.insert(key.clone(), (params.clone(), 200, body.clone(), None));
+                    state.saved.insert(
+                        key.clone(),
+                        Saved {
+                            params: params.clone(),
+                            status: 200,
+                            body: body.clone(),
+                            should_retry: None,
+                        },
+                    );
                 }
                 body
             };
@@ -337,11 +363,22 @@ fn error_body(kind: &str, code: Option<&str>, message: &str) -> String {
     serde_json::json!({ "error": { "type": kind, "code": code, "message": message } }).to_string()
 }
 
-fn error(status: u16, kind: &str, code: Option<&str>, message: &str, should_retry: Option<bool>) -> Response<Full<Bytes>> {
+fn error(
+    status: u16,
+    kind: &str,
+    code: Option<&str>,
+    message: &str,
+    should_retry: Option<bool>,
+) -> Response<Full<Bytes>> {
     json(status, error_body(kind, code, message), false, should_retry)
 }
 
-fn json(status: u16, body: String, replayed: bool, should_retry: Option<bool>) -> Response<Full<Bytes>> {
+fn json(
+    status: u16,
+    body: String,
+    replayed: bool,
+    should_retry: Option<bool>,
+) -> Response<Full<Bytes>> {
     let mut response = Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header("content-type", "application/json")
@@ -352,6 +389,7 @@ fn json(status: u16, body: String, replayed: bool, should_retry: Option<bool>) -
     if let Some(retry) = should_retry {
         response = response.header("stripe-should-retry", retry.to_string());
     }
-    response.body(Full::new(Bytes::from(body))).unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    response
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
-

@@ -16,7 +16,12 @@ async fn a_command_becomes_a_session_and_a_contract_exact_event() {
     let body = command("trip-1", "user-42", 4523.78, "USD");
     world
         .client
-        .publish("trip", "payment.cmd.create_session", &body, &[("traceparent", TRACEPARENT), ("tracestate", "vendor=1")])
+        .publish(
+            "trip",
+            "payment.cmd.create_session",
+            &body,
+            &[("traceparent", TRACEPARENT), ("tracestate", "vendor=1")],
+        )
         .await;
     let events = world.client.take(EVENTS, 1, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 1, "no session_created event");
@@ -51,7 +56,10 @@ async fn a_command_becomes_a_session_and_a_contract_exact_event() {
     let data = serde_json::to_string(&inner(&event.body)).unwrap();
     assert_eq!(
         data,
-        format!(r#"{{"tripID":"trip-1","sessionID":"{}","amount":45.24,"currency":"USD"}}"#, created[0].id)
+        format!(
+            r#"{{"tripID":"trip-1","sessionID":"{}","amount":45.24,"currency":"USD"}}"#,
+            created[0].id
+        )
     );
     let props = &event.properties;
     assert_eq!(props.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
@@ -75,7 +83,9 @@ async fn a_command_becomes_a_session_and_a_contract_exact_event() {
 async fn major_units_follow_the_currency_exponent() {
     let world = World::new("currencies").await;
     let worker = world.start_worker(&[]).await;
-    for (trip, amount, currency) in [("t-jpy", 1500.0, "JPY"), ("t-kwd", 1500.0, "KWD"), ("t-usd", 4500.0, "usd")] {
+    for (trip, amount, currency) in
+        [("t-jpy", 1500.0, "JPY"), ("t-kwd", 1500.0, "KWD"), ("t-usd", 4500.0, "usd")]
+    {
         world.client.send_command(&command(trip, "u", amount, currency)).await;
     }
     let events = world.client.take(EVENTS, 3, Duration::from_secs(10)).await;
@@ -83,7 +93,12 @@ async fn major_units_follow_the_currency_exponent() {
         .iter()
         .map(|e| {
             let v = inner(&e.body);
-            format!("{} {} {}", v["tripID"].as_str().unwrap(), v["amount"], v["currency"].as_str().unwrap())
+            format!(
+                "{} {} {}",
+                v["tripID"].as_str().unwrap(),
+                v["amount"],
+                v["currency"].as_str().unwrap()
+            )
         })
         .collect();
     amounts.sort();

@@ -18,10 +18,26 @@ async fn invalid_commands_are_parked_at_once_without_calling_stripe() {
         ("nested data", br#"{"ownerId":"u","data":{"tripID":"t"}}"#.to_vec(), "data"),
         ("missing trip", payload(r#"{"userID":"u","amount":100,"currency":"USD"}"#), "tripID"),
         ("missing user", payload(r#"{"tripID":"t","amount":100,"currency":"USD"}"#), "userID"),
-        ("negative", payload(r#"{"tripID":"t","userID":"u","amount":-100,"currency":"USD"}"#), "amount"),
-        ("huge", payload(r#"{"tripID":"t","userID":"u","amount":1e12,"currency":"USD"}"#), "amount"),
-        ("NaN as text", payload(r#"{"tripID":"t","userID":"u","amount":"NaN","currency":"USD"}"#), "amount"),
-        ("bad currency", payload(r#"{"tripID":"t","userID":"u","amount":100,"currency":"XXQ"}"#), "currency"),
+        (
+            "negative",
+            payload(r#"{"tripID":"t","userID":"u","amount":-100,"currency":"USD"}"#),
+            "amount",
+        ),
+        (
+            "huge",
+            payload(r#"{"tripID":"t","userID":"u","amount":1e12,"currency":"USD"}"#),
+            "amount",
+        ),
+        (
+            "NaN as text",
+            payload(r#"{"tripID":"t","userID":"u","amount":"NaN","currency":"USD"}"#),
+            "amount",
+        ),
+        (
+            "bad currency",
+            payload(r#"{"tripID":"t","userID":"u","amount":100,"currency":"XXQ"}"#),
+            "currency",
+        ),
     ];
     for (_, body, _) in &cases {
         world.client.send_command(body).await;
@@ -30,7 +46,11 @@ async fn invalid_commands_are_parked_at_once_without_calling_stripe() {
     assert_eq!(parked.len(), cases.len(), "every invalid command parked within 5s");
     for ((name, body, expect), message) in cases.iter().zip(&parked) {
         assert_eq!(&message.body, body, "{name}: original body kept");
-        assert_eq!(message.header_string("payment-park-reason").as_deref(), Some("invalid_message"), "{name}");
+        assert_eq!(
+            message.header_string("payment-park-reason").as_deref(),
+            Some("invalid_message"),
+            "{name}"
+        );
         let detail = message.header_string("payment-park-detail").unwrap();
         assert!(detail.contains(expect), "{name}: {detail:?} should mention {expect}");
         assert_eq!(message.header_int("payment-attempt"), Some(1), "{name}: never retried");
@@ -50,7 +70,10 @@ async fn a_message_with_an_unexpected_routing_key_is_parked() {
     world.client.publish("", WORK, &body, &[]).await;
     let parked = world.client.take(PARKED, 1, Duration::from_secs(5)).await;
     assert_eq!(parked.len(), 1);
-    assert_eq!(parked[0].header_string("payment-park-reason").as_deref(), Some("unexpected_routing_key"));
+    assert_eq!(
+        parked[0].header_string("payment-park-reason").as_deref(),
+        Some("unexpected_routing_key")
+    );
     assert_eq!(parked[0].header_string("payment-original-routing-key").as_deref(), Some(WORK));
     assert!(world.stripe.seen().is_empty());
     worker.stop().await.unwrap();

@@ -70,7 +70,10 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     assert_eq!(events.len(), 1);
     assert_eq!(world.stripe.created_for("k-1").len(), 1, "one Stripe session");
     assert_eq!(inner(&events[0].body)["sessionID"], world.stripe.created_for("k-1")[0].id.as_str());
-    assert!(world.client.take(EVENTS, 1, Duration::from_secs(2)).await.is_empty(), "no duplicate event");
+    assert!(
+        world.client.take(EVENTS, 1, Duration::from_secs(2)).await.is_empty(),
+        "no duplicate event"
+    );
     second.start_kill().unwrap();
     second.wait().await.unwrap();
 }

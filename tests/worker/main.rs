@@ -7,3 +7,4 @@ mod invalid;
 mod lifecycle;
 mod retries;
 mod topology;
+mod webhook;

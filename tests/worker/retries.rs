@@ -23,7 +23,11 @@ async fn one_two_and_three_transient_failures_succeed_after_their_delays() {
     world.stripe.script("fail-2", [Behaviour::rate_limited(), Behaviour::Drop]);
     world.stripe.script(
         "fail-3",
-        [Behaviour::Drop, Behaviour::unavailable(), Behaviour::Fail { status: 502, kind: "api_error", saved: false, should_retry: None }],
+        [
+            Behaviour::Drop,
+            Behaviour::unavailable(),
+            Behaviour::Fail { status: 502, kind: "api_error", saved: false, should_retry: None },
+        ],
     );
     let worker = world.start_worker(&[]).await;
 
@@ -62,7 +66,15 @@ async fn a_fourth_failure_parks_the_original_body() {
     let worker = world.start_worker(&[]).await;
     let body = command("doomed", "u", 100.0, "USD");
     let start = Instant::now();
-    world.client.publish("trip", "payment.cmd.create_session", &body, &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]).await;
+    world
+        .client
+        .publish(
+            "trip",
+            "payment.cmd.create_session",
+            &body,
+            &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")],
+        )
+        .await;
 
     let parked = world.client.take(PARKED, 1, Duration::from_secs(15)).await;
     assert_eq!(parked.len(), 1);
@@ -72,12 +84,25 @@ async fn a_fourth_failure_parks_the_original_body() {
     assert_eq!(parked.header_string("payment-park-reason").as_deref(), Some("retries_exhausted"));
     assert_eq!(parked.header_int("payment-attempt"), Some(4));
     assert_eq!(parked.header_string("payment-original-exchange").as_deref(), Some("trip"));
-    assert_eq!(parked.header_string("payment-original-routing-key").as_deref(), Some("payment.cmd.create_session"));
+    assert_eq!(
+        parked.header_string("payment-original-routing-key").as_deref(),
+        Some("payment.cmd.create_session")
+    );
     assert!(parked.header_string("payment-last-error").unwrap().contains("503"));
     assert!(parked.header_int("payment-first-failure-at").is_some());
     assert!(parked.header_int("payment-parked-at").is_some());
     assert!(parked.header_string("traceparent").is_some(), "original headers are kept");
-    assert!(parked.properties.headers().as_ref().unwrap().inner().keys().all(|k| !k.as_str().starts_with("x-")), "x-death is stripped");
+    assert!(
+        parked
+            .properties
+            .headers()
+            .as_ref()
+            .unwrap()
+            .inner()
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-")),
+        "x-death is stripped"
+    );
     assert_eq!(world.stripe.seen_for("doomed").len(), 4, "4 attempts in all");
     assert!(world.client.take(EVENTS, 1, Duration::from_millis(300)).await.is_empty());
     worker.stop().await.unwrap();
@@ -138,11 +163,18 @@ async fn permanent_stripe_failures_park_at_once() {
     let parked = world.client.take(PARKED, 2, Duration::from_secs(5)).await;
     assert_eq!(parked.len(), 2, "parked without waiting for retries");
     for message in &parked {
-        assert_eq!(message.header_string("payment-park-reason").as_deref(), Some("stripe_rejected"));
+        assert_eq!(
+            message.header_string("payment-park-reason").as_deref(),
+            Some("stripe_rejected")
+        );
         assert_eq!(message.header_int("payment-attempt"), Some(1));
     }
     assert_eq!(world.stripe.seen_for("refused").len(), 1);
-    assert_eq!(world.stripe.seen_for("poisoned").len(), 1, "Stripe-Should-Retry: false is honoured");
+    assert_eq!(
+        world.stripe.seen_for("poisoned").len(),
+        1,
+        "Stripe-Should-Retry: false is honoured"
+    );
     worker.stop().await.unwrap();
 }
 
@@ -156,7 +188,10 @@ async fn the_same_trip_with_another_amount_never_gets_a_second_session() {
 
     let parked = world.client.take(PARKED, 1, Duration::from_secs(5)).await;
     assert_eq!(parked.len(), 1);
-    assert_eq!(parked[0].header_string("payment-park-reason").as_deref(), Some("idempotency_conflict"));
+    assert_eq!(
+        parked[0].header_string("payment-park-reason").as_deref(),
+        Some("idempotency_conflict")
+    );
     assert_eq!(world.stripe.created_for("trip-x").len(), 1);
     worker.stop().await.unwrap();
 }

@@ -15,15 +15,25 @@ async fn declare_like_go(world: &World) {
     let channel = world.client.connection.create_channel().await.unwrap();
     for exchange in ["trip", "dlx"] {
         channel
-            .exchange_declare(exchange.into(), ExchangeKind::Topic, ExchangeDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
             .await
             .unwrap();
     }
     let mut arguments = FieldTable::default();
-    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("dlx")));
+    arguments
+        .insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("dlx")));
     for queue in ["payment_trip_response", "notify_payment_session_created"] {
         channel
-            .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, arguments.clone())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                arguments.clone(),
+            )
             .await
             .expect("the Go declaration is accepted");
     }
@@ -46,15 +56,27 @@ async fn a_queue_with_other_arguments_stops_the_worker_with_a_clear_error() {
     let world = World::new("inequivalent").await;
     let channel = world.client.connection.create_channel().await.unwrap();
     let mut arguments = FieldTable::default();
-    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("elsewhere")));
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from("elsewhere")),
+    );
     channel
-        .queue_declare("payment_trip_response".into(), QueueDeclareOptions { durable: true, ..Default::default() }, arguments)
+        .queue_declare(
+            "payment_trip_response".into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            arguments,
+        )
         .await
         .unwrap();
     let worker = world.spawn_worker(&[]).await;
-    let error = tokio::time::timeout(Duration::from_secs(20), worker.join()).await.expect("the worker stops").unwrap_err();
+    let error = tokio::time::timeout(Duration::from_secs(20), worker.join())
+        .await
+        .expect("the worker stops")
+        .unwrap_err();
     let message = error.to_string();
-    for expected in ["payment_trip_response", "x-dead-letter-exchange", "PAYMENT_TOPOLOGY", "\"dlx\""] {
+    for expected in
+        ["payment_trip_response", "x-dead-letter-exchange", "PAYMENT_TOPOLOGY", "\"dlx\""]
+    {
         assert!(message.contains(expected), "{message} should mention {expected}");
     }
 }
@@ -70,15 +92,27 @@ async fn the_quorum_profile_retries_and_parks_too() {
     world.client.send_command(&command("q-retry", "u", 100.0, "USD")).await;
     world.client.send_command(&command("q-park", "u", 100.0, "USD")).await;
     let events = world.client.take(EVENTS, 2, Duration::from_secs(10)).await;
-    let mut trips: Vec<String> = events.iter().map(|e| inner(&e.body)["tripID"].as_str().unwrap().to_owned()).collect();
+    let mut trips: Vec<String> =
+        events.iter().map(|e| inner(&e.body)["tripID"].as_str().unwrap().to_owned()).collect();
     trips.sort();
     assert_eq!(trips, ["q-ok", "q-retry"]);
     assert_eq!(world.client.take("payment_parked", 1, Duration::from_secs(5)).await.len(), 1);
     // The wait queues really are quorum queues with at-least-once dead-lettering.
     let listing = testkit::vhost::rabbitmqctl(&[
-        "list_queues", "-p", world.vhost.name(), "name", "type", "arguments",
+        "list_queues",
+        "-p",
+        world.vhost.name(),
+        "name",
+        "type",
+        "arguments",
     ]);
-    let wait = listing.lines().find(|l| l.starts_with("payment_wait_1s")).expect("wait queue listed");
-    assert!(wait.contains("quorum") && wait.contains("at-least-once") && wait.contains("reject-publish"), "{wait}");
+    let wait =
+        listing.lines().find(|l| l.starts_with("payment_wait_1s")).expect("wait queue listed");
+    assert!(
+        wait.contains("quorum")
+            && wait.contains("at-least-once")
+            && wait.contains("reject-publish"),
+        "{wait}"
+    );
     worker.stop().await.unwrap();
 }

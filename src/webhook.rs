@@ -1,0 +1,379 @@
+//! `POST /webhook/stripe`: a verified `checkout.session.completed` (paid) or
+//! `checkout.session.async_payment_succeeded` becomes `payment.event.success`.
+//!
+//! The answers match the Go api-gateway's, so Stripe's dashboard and the trip system see the
+//! same thing, with its weaknesses fixed: an unpaid session publishes nothing, a publish is
+//! confirmed by the broker before Stripe hears 200 (otherwise 500, and Stripe retries), the
+//! event id becomes the `message-id`, and a recently seen event id is not published twice.
+//!
+//! Signatures are checked here as Stripe specifies (HMAC-SHA256 over `timestamp.payload`,
+//! any `v1` entry may match, constant-time comparison, a timestamp tolerance, several secrets
+//! during key rotation). async-stripe-webhook couples verification with a strict parse that
+//! rejects events whose object lacks a field it expects; the Go gateway deliberately accepted
+//! other API versions, so only the fields needed are read, leniently, after verification.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use deadpool_lapin::Pool;
+use hmac::{Hmac, Mac};
+use lapin::BasicProperties;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use sha2::Sha256;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{error, info, warn};
+
+use crate::broker::{PublishError, Publisher};
+use crate::contract::{Envelope, PaymentSucceeded};
+use crate::metrics::Metrics;
+use crate::topology::Topology;
+
+/// How long the broker may take to confirm a payment success before Stripe gets a 500.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Webhook settings.
+#[derive(Clone)]
+pub struct WebhookSettings {
+    /// Signing secrets (`whsec_…`); any of them may have signed a request. Empty: the webhook
+    /// answers 503.
+    pub secrets: Vec<SecretString>,
+    /// Largest accepted age (or future skew) of a signature's timestamp.
+    pub tolerance: Duration,
+    /// Event ids remembered to drop Stripe's duplicate deliveries.
+    pub dedup_capacity: usize,
+}
+
+/// The webhook handler's state.
+pub struct Webhook {
+    settings: WebhookSettings,
+    topology: Arc<Topology>,
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    /// One confirm-mode channel, opened on first use and replaced when it breaks.
+    publisher: AsyncMutex<Option<Publisher>>,
+    recent: Mutex<RecentIds>,
+}
+
+/// The answer to Stripe, and the metric label for it.
+type Answer = (StatusCode, &'static str);
+
+impl Webhook {
+    pub fn new(
+        settings: WebhookSettings,
+        topology: Arc<Topology>,
+        pool: Pool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let recent = Mutex::new(RecentIds::new(settings.dedup_capacity));
+        Self { settings, topology, pool, metrics, publisher: AsyncMutex::new(None), recent }
+    }
+
+    /// Handles one request; the result label goes to `payment_worker_webhook_requests_total`.
+    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> (Answer, &'static str) {
+        if self.settings.secrets.is_empty() {
+            return (
+                (StatusCode::SERVICE_UNAVAILABLE, "Stripe webhook not configured"),
+                "not_configured",
+            );
+        }
+        let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
+        if let Err(reason) =
+            verify(signature, body, &self.settings.secrets, self.settings.tolerance, unix_now())
+        {
+            warn!(reason, "webhook signature rejected");
+            return ((StatusCode::BAD_REQUEST, "Invalid signature"), "invalid_signature");
+        }
+        let Ok(event) = serde_json::from_slice::<Value>(body) else {
+            return ((StatusCode::BAD_REQUEST, "Invalid payload"), "invalid_payload");
+        };
+        let event_id = event["id"].as_str().unwrap_or_default().to_owned();
+        let kind = event["type"].as_str().unwrap_or_default();
+        let object = &event["data"]["object"];
+        let completed = kind == "checkout.session.completed";
+        if !completed && kind != "checkout.session.async_payment_succeeded" {
+            return (OK, "ignored_type");
+        }
+        if !object.is_object() || object["id"].as_str().is_none() {
+            return ((StatusCode::BAD_REQUEST, "Invalid payload"), "invalid_payload");
+        }
+        let session_id = object["id"].as_str().unwrap_or_default();
+        let payment_status = object["payment_status"].as_str().unwrap_or_default();
+        if completed && !matches!(payment_status, "paid" | "no_payment_required") {
+            info!(
+                event_id,
+                session_id,
+                payment_status,
+                "checkout completed but not paid yet; waiting for async_payment_succeeded"
+            );
+            return (OK, "unpaid");
+        }
+        let metadata = |key: &str| object["metadata"][key].as_str().unwrap_or_default().to_owned();
+        let success = PaymentSucceeded {
+            trip_id: metadata("trip_id"),
+            user_id: metadata("user_id"),
+            driver_id: metadata("driver_id"),
+            amount_cents: object["amount_total"].as_i64().unwrap_or(0),
+            currency: object["currency"]
+                .as_str()
+                .filter(|c| !c.is_empty())
+                .unwrap_or("usd")
+                .to_owned(),
+            region: Some(metadata("region"))
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "unspecified".into()),
+            package_slug: metadata("package_slug"),
+        };
+        if success.trip_id.is_empty() || success.user_id.is_empty() {
+            warn!(
+                event_id,
+                session_id,
+                "checkout session has no trip_id or user_id in its metadata; nothing published"
+            );
+            return (OK, "missing_metadata");
+        }
+        if !event_id.is_empty() && self.recent().contains(&event_id) {
+            info!(event_id, trip_id = %success.trip_id, "duplicate webhook delivery; already published");
+            return (OK, "duplicate");
+        }
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(&event_id, &success)).await {
+            Ok(Ok(())) => {
+                if !event_id.is_empty() {
+                    self.recent().insert(event_id.clone());
+                }
+                info!(event_id, trip_id = %success.trip_id, amount_cents = success.amount_cents, "payment success published");
+                (OK, "published")
+            }
+            Ok(Err(e)) => {
+                error!(event_id, trip_id = %success.trip_id, error = %e, "payment success not confirmed by the broker; answering 500 so Stripe retries");
+                ((StatusCode::INTERNAL_SERVER_ERROR, "publish failed"), "publish_failed")
+            }
+            Err(_) => {
+                error!(event_id, trip_id = %success.trip_id, "broker did not confirm in time; answering 500 so Stripe retries");
+                ((StatusCode::INTERNAL_SERVER_ERROR, "publish failed"), "publish_failed")
+            }
+        }
+    }
+
+    async fn publish(&self, event_id: &str, success: &PaymentSucceeded) -> Result<(), String> {
+        let body = Envelope::encode(&success.user_id, success);
+        let mut properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        if !event_id.is_empty() {
+            properties = properties.with_message_id(event_id.into());
+        }
+        let mut slot = self.publisher.lock().await;
+        if slot.as_ref().is_none_or(|p| !p.channel().status().connected()) {
+            let connection = self.pool.get().await.map_err(|e| format!("connecting: {e}"))?;
+            *slot = Some(
+                Publisher::open(&connection)
+                    .await
+                    .map_err(|e| format!("opening a channel: {e}"))?,
+            );
+        }
+        let publisher = slot.as_ref().expect("just opened");
+        let result = publisher
+            .publish(
+                &self.topology.exchanges.trip,
+                &self.topology.routing_keys.payment_success,
+                &body,
+                properties,
+            )
+            .await;
+        if let Err(e) = &result {
+            let kind = match e {
+                PublishError::Nacked => "nacked",
+                PublishError::Returned { .. } => "returned",
+                PublishError::Channel(_) => {
+                    *slot = None;
+                    "channel"
+                }
+            };
+            self.metrics.publish_failures.with_label_values(&[kind]).inc();
+        }
+        result.map_err(|e| e.to_string())
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, RecentIds> {
+        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+const OK: Answer = (StatusCode::OK, "ok");
+
+/// The axum handler. The body limit is a layer on the route; a body over it is 413 and never
+/// parsed, a body that cannot be read is 500 (as in the Go gateway).
+pub async fn endpoint(
+    State(webhook): State<Arc<Webhook>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> (StatusCode, &'static str) {
+    let ((status, text), result) = match body {
+        Ok(body) => webhook.handle(&headers, &body).await,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ((StatusCode::PAYLOAD_TOO_LARGE, "payload too large"), "too_large")
+        }
+        Err(_) => ((StatusCode::INTERNAL_SERVER_ERROR, "cannot read body"), "unreadable"),
+    };
+    webhook.metrics.webhook_requests.with_label_values(&[result]).inc();
+    (status, text)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Checks a `Stripe-Signature` header (`t=…,v1=…[,v1=…]`) against the body.
+///
+/// # Errors
+/// A short reason: missing or malformed header, stale timestamp, or no matching signature.
+pub fn verify(
+    header: &str,
+    body: &[u8],
+    secrets: &[SecretString],
+    tolerance: Duration,
+    now: i64,
+) -> Result<(), &'static str> {
+    if header.is_empty() {
+        return Err("missing Stripe-Signature header");
+    }
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", value)) => timestamp = value.parse::<i64>().ok(),
+            Some(("v1", value)) => {
+                if let Ok(bytes) = hex::decode(value) {
+                    signatures.push(bytes);
+                }
+            }
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or("no timestamp in Stripe-Signature")?;
+    if signatures.is_empty() {
+        return Err("no v1 signature in Stripe-Signature");
+    }
+    let tolerance = i64::try_from(tolerance.as_secs()).unwrap_or(i64::MAX);
+    if now.abs_diff(timestamp) > tolerance.unsigned_abs() {
+        return Err("timestamp outside the tolerance");
+    }
+    for secret in secrets {
+        for signature in &signatures {
+            let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+                .expect("HMAC takes keys of any length");
+            mac.update(timestamp.to_string().as_bytes());
+            mac.update(b".");
+            mac.update(body);
+            // `verify_slice` compares in constant time.
+            if mac.verify_slice(signature).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err("no signature matches")
+}
+
+/// The `Stripe-Signature` header Stripe would send for `body` at `timestamp`.
+pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The most recent event ids, oldest forgotten first.
+struct RecentIds {
+    order: VecDeque<String>,
+    ids: HashSet<String>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        Self { order: VecDeque::new(), ids: HashSet::new(), capacity }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: String) {
+        if self.capacity == 0 || !self.ids.insert(id.clone()) {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(list: &[&str]) -> Vec<SecretString> {
+        list.iter().map(|s| SecretString::from((*s).to_owned())).collect()
+    }
+
+    const TOLERANCE: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn accepts_a_valid_signature_and_rejects_the_rest() {
+        let body = br#"{"id":"evt_1"}"#;
+        let header = sign("whsec_a", 1000, body);
+        assert_eq!(verify(&header, body, &secrets(&["whsec_a"]), TOLERANCE, 1000), Ok(()));
+        assert!(
+            verify(&header, body, &secrets(&["whsec_b"]), TOLERANCE, 1000).is_err(),
+            "wrong secret"
+        );
+        assert!(
+            verify(&header, b"{}", &secrets(&["whsec_a"]), TOLERANCE, 1000).is_err(),
+            "tampered body"
+        );
+        assert!(verify(&header, body, &secrets(&["whsec_a"]), TOLERANCE, 1301).is_err(), "stale");
+        assert!(
+            verify(&header, body, &secrets(&["whsec_a"]), TOLERANCE, 699).is_err(),
+            "from the future"
+        );
+        assert!(verify("", body, &secrets(&["whsec_a"]), TOLERANCE, 1000).is_err(), "missing");
+        assert!(
+            verify("garbage", body, &secrets(&["whsec_a"]), TOLERANCE, 1000).is_err(),
+            "malformed"
+        );
+        assert!(verify("t=1000", body, &secrets(&["whsec_a"]), TOLERANCE, 1000).is_err(), "no v1");
+    }
+
+    #[test]
+    fn any_v1_entry_and_any_secret_may_match() {
+        let body = b"payload";
+        let good = sign("whsec_new", 50, body);
+        let good_v1 = good.split("v1=").nth(1).unwrap();
+        let header = format!("t=50,v1={},v1={good_v1},v0=abc", "00".repeat(32));
+        assert_eq!(
+            verify(&header, body, &secrets(&["whsec_old", "whsec_new"]), TOLERANCE, 60),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn recent_ids_forget_the_oldest() {
+        let mut recent = RecentIds::new(2);
+        for id in ["a", "b", "c"] {
+            recent.insert(id.into());
+        }
+        assert!(!recent.contains("a"));
+        assert!(recent.contains("b") && recent.contains("c"));
+    }
+}

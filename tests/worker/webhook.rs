@@ -1,0 +1,245 @@
+//! `POST /webhook/stripe` with signatures computed by the real algorithm.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use payment_worker::webhook::sign;
+use serde_json::json;
+use testkit::amqp::inner;
+use testkit::http_request;
+
+use crate::helpers::{RunningWorker, World};
+
+const SECRET: &str = "whsec_test_current";
+const OLD_SECRET: &str = "whsec_test_previous";
+const SUCCESS: &str = "payment_success";
+const FINANCE: &str = "finance_payment_success";
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn event(id: &str, kind: &str, payment_status: &str, metadata: serde_json::Value) -> Vec<u8> {
+    json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2026-09-30.endive",
+        "type": kind,
+        "data": { "object": {
+            "id": "cs_test_1",
+            "object": "checkout.session",
+            "amount_total": 4523,
+            "currency": "usd",
+            "payment_status": payment_status,
+            "metadata": metadata,
+        }}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn trip_metadata() -> serde_json::Value {
+    json!({"trip_id": "t1", "user_id": "u1", "driver_id": "d1", "package_slug": "sedan"})
+}
+
+async fn post(worker: &RunningWorker, body: &[u8], signature: Option<&str>) -> (u16, String) {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(signature) = signature {
+        headers.push(("Stripe-Signature", signature));
+    }
+    http_request(worker.http, "POST", "/webhook/stripe", &headers, body)
+        .await
+        .expect("the worker answers")
+}
+
+async fn signed(worker: &RunningWorker, body: &[u8]) -> (u16, String) {
+    post(worker, body, Some(&sign(SECRET, now(), body))).await
+}
+
+async fn start(world: &World) -> RunningWorker {
+    world
+        .start_worker(&[
+            "--stripe-webhook-key",
+            &format!("{OLD_SECRET}, {SECRET}"),
+            "--webhook-max-body",
+            "4096",
+        ])
+        .await
+}
+
+#[tokio::test]
+async fn a_paid_checkout_becomes_payment_success_exactly_as_the_contract_says() {
+    let world = World::new("webhook-paid").await;
+    let worker = start(&world).await;
+    let body = event("evt_paid_1", "checkout.session.completed", "paid", trip_metadata());
+    assert_eq!(signed(&worker, &body).await, (200, "ok".into()));
+
+    for queue in [SUCCESS, FINANCE] {
+        let messages = world.client.take(queue, 1, Duration::from_secs(5)).await;
+        assert_eq!(messages.len(), 1, "{queue}");
+        let message = &messages[0];
+        assert!(String::from_utf8_lossy(&message.body).starts_with(r#"{"ownerId":"u1","data":""#));
+        assert_eq!(
+            serde_json::to_string(&inner(&message.body)).unwrap(),
+            r#"{"tripID":"t1","userID":"u1","driverID":"d1","amountCents":4523,"currency":"usd","region":"unspecified","packageSlug":"sedan"}"#
+        );
+        assert_eq!(
+            message.properties.message_id().as_ref().map(|m| m.as_str()),
+            Some("evt_paid_1")
+        );
+        assert_eq!(message.properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            message.properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(message.routing_key, "payment.event.success");
+    }
+
+    // Stripe delivers the same event again: not published twice.
+    assert_eq!(signed(&worker, &body).await, (200, "ok".into()));
+    assert!(
+        world.client.take(SUCCESS, 1, Duration::from_millis(300)).await.is_empty(),
+        "duplicate published"
+    );
+
+    // Asynchronous payment methods succeed later, with their own event.
+    let later =
+        event("evt_async_1", "checkout.session.async_payment_succeeded", "paid", trip_metadata());
+    assert_eq!(signed(&worker, &later).await.0, 200);
+    assert_eq!(world.client.take(SUCCESS, 1, Duration::from_secs(5)).await.len(), 1);
+
+    let (_, metrics) = testkit::http_get(worker.http, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"payment_worker_webhook_requests_total{result="published"} 2"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"payment_worker_webhook_requests_total{result="duplicate"} 1"#));
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_signatures_are_refused_and_publish_nothing() {
+    let world = World::new("webhook-signatures").await;
+    let worker = start(&world).await;
+    let body = event("evt_sig", "checkout.session.completed", "paid", trip_metadata());
+    let good = sign(SECRET, now(), &body);
+    let good_v1 = good.split("v1=").nth(1).unwrap().to_owned();
+    let cases: Vec<(&str, Vec<u8>, Option<String>)> = vec![
+        ("wrong secret", body.clone(), Some(sign("whsec_wrong", now(), &body))),
+        ("tampered body", body.replace_amount(), Some(good.clone())),
+        ("stale timestamp", body.clone(), Some(sign(SECRET, now() - 301, &body))),
+        ("missing header", body.clone(), None),
+        ("malformed header", body.clone(), Some("v1=nothex,t=abc".into())),
+    ];
+    for (name, payload, signature) in &cases {
+        let answer = post(&worker, payload, signature.as_deref()).await;
+        assert_eq!(answer, (400, "Invalid signature".into()), "{name}");
+    }
+    // Several v1 entries, one of them valid; and the previous secret during rotation.
+    let several = format!("t={},v1={},v1={good_v1}", now(), "ab".repeat(32));
+    assert_eq!(post(&worker, &body, Some(&several)).await.0, 200, "one valid v1 among several");
+    let rotated = event("evt_rotated", "checkout.session.completed", "paid", trip_metadata());
+    assert_eq!(
+        post(&worker, &rotated, Some(&sign(OLD_SECRET, now(), &rotated))).await.0,
+        200,
+        "previous secret"
+    );
+    assert_eq!(
+        world.client.take(SUCCESS, 3, Duration::from_secs(3)).await.len(),
+        2,
+        "only the two valid ones"
+    );
+
+    // Oversized bodies are refused unread.
+    let huge = vec![b' '; 8192];
+    assert_eq!(post(&worker, &huge, Some(&sign(SECRET, now(), &huge))).await.0, 413);
+    worker.stop().await.unwrap();
+}
+
+trait ReplaceAmount {
+    fn replace_amount(&self) -> Vec<u8>;
+}
+
+impl ReplaceAmount for Vec<u8> {
+    fn replace_amount(&self) -> Vec<u8> {
+        String::from_utf8_lossy(self).replace("4523", "1").into_bytes()
+    }
+}
+
+#[tokio::test]
+async fn payloads_are_read_leniently_and_only_paid_sessions_publish() {
+    let world = World::new("webhook-payloads").await;
+    let worker = start(&world).await;
+    // Another API version: extra fields, and fields payment-worker does not need missing.
+    let other_version = json!({
+        "id": "evt_other_version",
+        "type": "checkout.session.completed",
+        "api_version": "2019-02-19",
+        "brand_new_field": {"x": 1},
+        "data": { "object": {
+            "id": "cs_old", "payment_status": "paid", "amount_total": 100, "currency": "eur",
+            "metadata": {"trip_id": "t-old", "user_id": "u-old", "region": "eu-west"},
+            "another_new_field": true
+        }}
+    })
+    .to_string()
+    .into_bytes();
+    assert_eq!(signed(&worker, &other_version).await, (200, "ok".into()));
+    let published = world.client.take(SUCCESS, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        serde_json::to_string(&inner(&published[0].body)).unwrap(),
+        r#"{"tripID":"t-old","userID":"u-old","driverID":"","amountCents":100,"currency":"eur","region":"eu-west"}"#
+    );
+
+    let quiet = [
+        event("evt_unpaid", "checkout.session.completed", "unpaid", trip_metadata()),
+        event("evt_no_meta", "checkout.session.completed", "paid", json!({"driver_id": "d"})),
+        event("evt_other", "customer.created", "paid", trip_metadata()),
+    ];
+    for body in &quiet {
+        assert_eq!(signed(&worker, body).await, (200, "ok".into()));
+    }
+    let broken = json!({"id": "evt_broken", "type": "checkout.session.completed", "data": {"object": "nope"}}).to_string().into_bytes();
+    assert_eq!(signed(&worker, &broken).await, (400, "Invalid payload".into()));
+    assert!(
+        world.client.take(SUCCESS, 1, Duration::from_millis(500)).await.is_empty(),
+        "nothing else published"
+    );
+    let (_, metrics) = testkit::http_get(worker.http, "/metrics").await.unwrap();
+    for result in ["unpaid", "missing_metadata", "ignored_type", "invalid_payload"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"payment_worker_webhook_requests_total{{result="{result}"}} 1"#
+            )),
+            "{result}"
+        );
+    }
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unconfigured_webhook_answers_503() {
+    let world = World::new("webhook-unset").await;
+    let worker = world.start_worker(&[]).await;
+    let body = event("evt", "checkout.session.completed", "paid", trip_metadata());
+    assert_eq!(signed(&worker, &body).await, (503, "Stripe webhook not configured".into()));
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_answers_500_so_stripe_retries() {
+    let world = World::new("webhook-no-broker").await;
+    let dead = testkit::free_loopback_addr();
+    let uri = format!("amqp://guest:guest@{dead}/%2f");
+    let worker =
+        world.spawn_worker(&["--rabbitmq-uri", &uri, "--stripe-webhook-key", SECRET]).await;
+    let body = event("evt_lost", "checkout.session.completed", "paid", trip_metadata());
+    let answer = tokio::time::timeout(Duration::from_secs(15), signed(&worker, &body))
+        .await
+        .expect("answers in time");
+    assert_eq!(answer.0, 500);
+    let (_, ready) = testkit::http_get(worker.http, "/readyz").await.unwrap();
+    assert!(ready.contains("not ready"), "{ready}");
+    worker.stop().await.unwrap();
+    // Nothing reached the real vhost either.
+    assert_eq!(world.client.try_depth(SUCCESS).await, None, "no topology, no half-published event");
+}
