@@ -7,24 +7,32 @@ export RABBITMQ_URI ?= amqp://guest:guest@127.0.0.1:5672/%2f
 export HTTP_ADDR ?= 127.0.0.1:8080
 export LOG_FORMAT ?= text
 
-.PHONY: run test broker lint unit audit
+.PHONY: run test broker tools lint unit rules audit
 
 ## Start the local broker if needed, then run the worker on its default setup.
 run: broker
 	cargo run --release -- run
 
 ## Everything CI checks: formatting, lints, all tests against the real broker, the audit.
-test: broker lint unit audit
+test: broker tools lint unit rules audit
 
 broker:
 	@scripts/ensure-rabbitmq.sh
+
+tools:
+	@scripts/ensure-debian-tools.sh
 
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
-unit: broker
+unit: broker tools
 	cargo test --workspace --locked
+
+## The alert rules: syntax, then their unit tests.
+rules: tools
+	promtool check rules helm/payment-worker/files/alerts.yaml
+	cd monitoring && promtool test rules alerts.test.yaml
 
 audit:
 	@scripts/ensure-cargo-audit.sh

@@ -162,8 +162,17 @@ async fn poll_queue_depths(
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut queues = vec![topology.work_queue.name.clone(), topology.parking.queue.clone()];
-    queues.extend(topology.retry.delays.iter().map(|d| topology.wait_queue(d)));
+    let mut queues = vec![
+        (topology.work_queue.name.clone(), "work"),
+        (topology.parking.queue.clone(), "parked"),
+    ];
+    for delay in &topology.retry.delays {
+        queues.push((topology.wait_queue(delay), "wait"));
+        metrics
+            .retry_tier_seconds
+            .with_label_values(&[delay.label()])
+            .set(delay.duration().as_secs_f64());
+    }
     // The first reading waits one interval: the worker declares the queues meanwhile.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -174,7 +183,7 @@ async fn poll_queue_depths(
         }
         let Ok(connection) = pool.get().await else { continue };
         let Ok(channel) = connection.create_channel().await else { continue };
-        for queue in &queues {
+        for (queue, role) in &queues {
             let declared = channel
                 .queue_declare(
                     queue.as_str().into(),
@@ -185,7 +194,7 @@ async fn poll_queue_depths(
             match declared {
                 Ok(q) => metrics
                     .queue_messages
-                    .with_label_values(&[queue.as_str()])
+                    .with_label_values(&[queue.as_str(), role])
                     .set(i64::from(q.message_count())),
                 Err(e) => {
                     // A missing queue closes the channel; try again next tick.

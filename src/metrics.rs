@@ -55,8 +55,10 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     pub channel_errors: IntCounter,
     pub publish_failures: IntCounterVec,
-    /// Messages waiting in the wait queues and the parking queue.
+    /// Messages waiting in the work, wait and parking queues.
     pub queue_messages: IntGaugeVec,
+    /// The configured delay of each retry tier, for comparing with `retry_delay`.
+    pub retry_tier_seconds: prometheus::GaugeVec,
     pub webhook_requests: IntCounterVec,
     pub ready: IntGauge,
 }
@@ -158,9 +160,18 @@ impl Metrics {
             queue_messages: IntGaugeVec::new(
                 Opts::new(
                     "payment_worker_queue_messages",
-                    "Messages ready in the work, wait and parking queues, polled from the broker",
+                    "Messages ready in the work, wait and parking queues, polled from the broker; \
+                     role is work, wait or parked",
                 ),
-                &["queue"],
+                &["queue", "role"],
+            )
+            .expect("valid metric"),
+            retry_tier_seconds: prometheus::GaugeVec::new(
+                Opts::new(
+                    "payment_worker_retry_tier_seconds",
+                    "The configured delay of each retry tier",
+                ),
+                &["tier"],
             )
             .expect("valid metric"),
             webhook_requests: IntCounterVec::new(
@@ -196,6 +207,7 @@ impl Metrics {
             Box::new(metrics.channel_errors.clone()),
             Box::new(metrics.publish_failures.clone()),
             Box::new(metrics.queue_messages.clone()),
+            Box::new(metrics.retry_tier_seconds.clone()),
             Box::new(metrics.webhook_requests.clone()),
             Box::new(metrics.ready.clone()),
             Box::new(build_info),

@@ -5,6 +5,7 @@ mod contract;
 mod helpers;
 mod invalid;
 mod lifecycle;
+mod observability;
 mod retries;
 mod topology;
 mod webhook;

@@ -1,0 +1,147 @@
+//! Metrics a real Prometheus accepts and scrapes, and health that means something.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use testkit::amqp::command;
+use testkit::stripe::Behaviour;
+use testkit::{eventually, http_get};
+use tokio::io::AsyncWriteExt;
+
+use crate::helpers::{EVENTS, PARKED, World};
+
+/// Handles one success, one retried success and one parked command.
+async fn drive_every_outcome(world: &World) {
+    world.stripe.script("o-retry", [Behaviour::unavailable()]);
+    world.stripe.script("o-park", [Behaviour::invalid_request()]);
+    for trip in ["o-ok", "o-retry", "o-park"] {
+        world.client.send_command(&command(trip, "u", 100.0, "USD")).await;
+    }
+    assert_eq!(world.client.take(EVENTS, 2, Duration::from_secs(10)).await.len(), 2);
+    assert_eq!(world.client.take(PARKED, 1, Duration::from_secs(5)).await.len(), 1);
+}
+
+fn tool(name: &str) -> tokio::process::Command {
+    assert!(
+        std::process::Command::new("which").arg(name).output().is_ok_and(|o| o.status.success()),
+        "{name} is not installed: `make test` installs Debian's prometheus package"
+    );
+    tokio::process::Command::new(name)
+}
+
+#[tokio::test]
+async fn promtool_accepts_a_scrape_with_every_outcome() {
+    let world = World::new("promtool").await;
+    let worker = world.start_worker(&[]).await;
+    drive_every_outcome(&world).await;
+    // Give the depth poller one round.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, scrape) = http_get(worker.http, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for expected in [
+        r#"payment_worker_commands_total{attempt="1",outcome="succeeded",reason=""} 1"#,
+        r#"payment_worker_commands_total{attempt="1",outcome="retried",reason=""} 1"#,
+        r#"payment_worker_commands_total{attempt="2",outcome="succeeded",reason=""} 1"#,
+        r#"payment_worker_commands_total{attempt="1",outcome="parked",reason="stripe_rejected"} 1"#,
+        r#"payment_worker_retry_delay_seconds_count{tier="1s"} 1"#,
+        r#"payment_worker_stripe_requests_total{result="server_error"} 1"#,
+        r#"payment_worker_stripe_requests_total{result="created"} 2"#,
+        r#"payment_worker_queue_messages{queue="payment_parked",role="parked"}"#,
+        r#"payment_worker_retry_tier_seconds{tier="4s"} 4"#,
+        "payment_worker_broker_connected 1",
+        "payment_worker_ready 1",
+        "payment_worker_build_info{",
+    ] {
+        assert!(scrape.contains(expected), "missing {expected}\n{scrape}");
+    }
+    assert!(!scrape.contains("o-ok"), "a trip id leaked into a label");
+
+    let mut promtool = tool("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool.stdin.take().unwrap().write_all(scrape.as_bytes()).await.unwrap();
+    let output = promtool.wait_with_output().await.unwrap();
+    assert!(
+        output.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_retry_counters() {
+    let world = World::new("prometheus").await;
+    let worker = world.start_worker(&[]).await;
+    let dir = std::env::temp_dir().join(format!(
+        "pw-prometheus-{}-{}",
+        std::process::id(),
+        worker.http.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: payment-worker\n    static_configs:\n      - targets: ['{}']\n",
+        worker.http
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let web = testkit::free_loopback_addr();
+    let mut prometheus = tool("prometheus")
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    // Let Prometheus see the counters at zero first, then drive retries.
+    let scraped = eventually(Duration::from_secs(20), || async {
+        let (_, body) = http_get(web, "/api/v1/query?query=payment_worker_ready").await?;
+        body.contains(r#""value""#).then_some(())
+    })
+    .await;
+    assert!(scraped.is_some(), "Prometheus never scraped the worker");
+    for i in 0..3 {
+        let trip = format!("p-{i}");
+        world.stripe.script(&trip, [Behaviour::unavailable()]);
+        world.client.send_command(&command(&trip, "u", 100.0, "USD")).await;
+    }
+    assert_eq!(world.client.take(EVENTS, 3, Duration::from_secs(10)).await.len(), 3);
+
+    let query =
+        "/api/v1/query?query=sum(payment_worker_commands_total%7Boutcome%3D%22retried%22%7D)";
+    let retried = eventually(Duration::from_secs(20), || async {
+        let (_, body) = http_get(web, query).await?;
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let value = json["data"]["result"][0]["value"][1].as_str()?.parse::<f64>().ok()?;
+        (value >= 3.0).then_some(value)
+    })
+    .await;
+    assert_eq!(retried, Some(3.0), "Prometheus shows the three retries");
+    let _ = prometheus.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readiness_follows_the_broker_session() {
+    let world = World::new("readiness").await;
+    let dead = testkit::free_loopback_addr();
+    let worker =
+        world.spawn_worker(&["--rabbitmq-uri", &format!("amqp://guest:guest@{dead}/%2f")]).await;
+    assert_eq!(http_get(worker.http, "/healthz").await.unwrap().0, 200, "alive without a broker");
+    let (status, body) = http_get(worker.http, "/readyz").await.unwrap();
+    assert_eq!(status, 503);
+    assert!(body.starts_with("not ready:"), "{body}");
+    worker.stop().await.unwrap();
+
+    let worker = world.start_worker(&[]).await;
+    assert_eq!(http_get(worker.http, "/readyz").await.unwrap(), (200, "ready\n".into()));
+    worker.stop().await.unwrap();
+}
