@@ -58,6 +58,115 @@ pub enum Command {
     /// Run the worker: consume commands, create sessions, publish events.
     #[command(args_override_self = true)]
     Run(Box<RunArgs>),
+    /// Show the topology, or check a live broker against it.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Inspect, replay or purge parked messages.
+    #[command(subcommand)]
+    Parked(ParkedCommand),
+    /// Publish one `payment.cmd.create_session`, as trip-service would.
+    Send(SendArgs),
+}
+
+#[derive(Subcommand)]
+pub enum TopologyCommand {
+    /// Print the exchanges, queues, bindings and retry schedule the worker declares.
+    Show {
+        #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
+        format: ShowFormat,
+        /// The vhost named in `--format definitions`.
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    /// Compare a live broker with the topology without changing it; exits 1 on any
+    /// difference.
+    Check {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShowFormat {
+    /// For people.
+    Text,
+    /// RabbitMQ definitions JSON, for `rabbitmqctl import_definitions`.
+    Definitions,
+}
+
+#[derive(Args, Clone)]
+pub struct ParkedFilter {
+    /// Only this trip (repeatable).
+    #[arg(long = "trip")]
+    pub trips: Vec<String>,
+    /// Only messages parked for this reason (e.g. retries_exhausted).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Every parked message.
+    #[arg(long)]
+    pub all: bool,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Subcommand)]
+pub enum ParkedCommand {
+    /// List parked messages without consuming them.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move parked messages back to the work queue, attempt counter reset.
+    Replay {
+        #[command(flatten)]
+        filter: ParkedFilter,
+        /// Show what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove parked messages for good.
+    Purge {
+        #[command(flatten)]
+        filter: ParkedFilter,
+        /// Confirms the removal; without it nothing is removed.
+        #[arg(long)]
+        yes: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct SendArgs {
+    #[arg(long)]
+    pub trip_id: String,
+    #[arg(long)]
+    pub user_id: String,
+    #[arg(long, default_value = "")]
+    pub driver_id: String,
+    /// Amount in minor units (cents).
+    #[arg(long)]
+    pub amount_cents: i64,
+    #[arg(long, default_value = "USD")]
+    pub currency: String,
+    #[arg(long)]
+    pub package_slug: Option<String>,
+    /// A W3C traceparent to start the trace with.
+    #[arg(long)]
+    pub traceparent: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -233,6 +342,7 @@ mod tests {
                 run.stripe_secret_key()?;
                 Ok(*run)
             }
+            Ok(_) => unreachable!("argv starts with `run`"),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -12,6 +12,7 @@
 //! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
 //! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
 //! - [`broker`]: connection pool and confirmed, mandatory publishing.
+//! - [`ops`]: the operator subcommands (`topology`, `parked`, `send`).
 //! - [`webhook`]: Stripe's `checkout.session.completed` into `payment.event.success`.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
 
@@ -23,6 +24,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod money;
+pub mod ops;
 pub mod retry;
 pub mod stripe;
 pub mod topology;

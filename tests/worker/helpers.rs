@@ -93,7 +93,7 @@ impl World {
     /// Starts a worker with exactly these arguments.
     pub async fn spawn_with(&self, args: Vec<String>) -> RunningWorker {
         let cli = Cli::try_parse_from(args).expect("valid test arguments");
-        let Command::Run(run) = cli.command;
+        let Command::Run(run) = cli.command else { panic!("not a run command") };
         let app = App::build(&cli.global, &run).await.expect("worker builds");
         let http = app.http_addr();
         let shutdown = CancellationToken::new();

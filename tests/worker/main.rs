@@ -6,6 +6,7 @@ mod helpers;
 mod invalid;
 mod lifecycle;
 mod observability;
+mod ops;
 mod retries;
 mod topology;
 mod webhook;

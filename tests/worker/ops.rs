@@ -1,0 +1,289 @@
+//! The operator subcommands against a real broker.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use testkit::amqp::{command, inner};
+use testkit::stripe::Behaviour;
+
+use crate::helpers::{EVENTS, PARKED, WORK, World};
+
+/// Runs the binary against the world's vhost: `(exit code, stdout, stderr)`.
+async fn cli(world: &World, args: &[&str]) -> (i32, String, String) {
+    cli_on(&world.vhost.uri(), args).await
+}
+
+async fn cli_on(uri: &str, args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"))
+        .arg("--rabbitmq-uri")
+        .arg(uri)
+        .args(args)
+        .output()
+        .await
+        .expect("run the binary");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A transient-looking 400 that Stripe does not save, so a replay after it succeeds.
+fn rejected_once() -> Behaviour {
+    Behaviour::Fail { status: 400, kind: "invalid_request_error", saved: false, should_retry: None }
+}
+
+/// Parks `trips` through the worker (Stripe refuses each once), plus one undecodable body.
+async fn park(world: &World, trips: &[&str]) {
+    let worker = world.start_worker(&[]).await;
+    for trip in trips {
+        world.stripe.script(trip, [rejected_once()]);
+        world.client.send_command(&command(trip, &format!("rider-{trip}"), 1234.0, "USD")).await;
+    }
+    world.client.send_command(b"{broken").await;
+    let parked = testkit::eventually(Duration::from_secs(10), || async {
+        (world.client.depth(PARKED).await as usize == trips.len() + 1).then_some(())
+    })
+    .await;
+    assert!(parked.is_some(), "messages were not parked");
+    worker.stop().await.unwrap();
+}
+
+async fn parked_bodies(world: &World) -> Vec<Vec<u8>> {
+    let all = world.client.take(PARKED, usize::MAX, Duration::from_millis(500)).await;
+    all.into_iter().map(|m| m.body).collect()
+}
+
+#[tokio::test]
+async fn list_shows_parked_messages_and_changes_nothing() {
+    let world = World::new("ops-list").await;
+    park(&world, &["l-1", "l-2", "l-3"]).await;
+    let (code, text, _) = cli(&world, &["parked", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("l-2") && text.contains("rider-l-2") && text.contains("1234 USD"),
+        "{text}"
+    );
+    assert!(text.contains("(undecodable)") && text.contains("invalid_message"), "{text}");
+    let (code, json, _) = cli(&world, &["parked", "list", "--json"]).await;
+    assert_eq!(code, 0);
+    let entries: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(entries.len(), 4);
+    let l1 = entries.iter().find(|e| e["trip_id"] == "l-1").unwrap();
+    assert_eq!(l1["reason"], "stripe_rejected");
+    assert_eq!(l1["attempts"], 1);
+    assert_eq!(l1["amount"], 1234);
+    assert!(l1["parked_at_ms"].is_u64());
+    let listed: Vec<String> =
+        entries.iter().map(|e| e["trip_id"].as_str().unwrap_or("broken").to_owned()).collect();
+
+    // Listing twice changes nothing, order included.
+    let (_, again, _) = cli(&world, &["parked", "list", "--json"]).await;
+    assert_eq!(again, json);
+    let bodies = parked_bodies(&world).await;
+    let trips: Vec<String> = bodies
+        .iter()
+        .map(|b| {
+            serde_json::from_slice::<serde_json::Value>(b)
+                .ok()
+                .map_or("broken".into(), |_| inner(b)["tripID"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(trips, listed, "the queue holds what was listed, in the listed order");
+}
+
+#[tokio::test]
+async fn replay_by_trip_moves_only_that_trip_and_the_worker_completes_it() {
+    let world = World::new("ops-replay").await;
+    park(&world, &["r-1", "r-2"]).await;
+    let (code, _, stderr) = cli(&world, &["parked", "replay"]).await;
+    assert_ne!(code, 0, "replay without a filter is refused");
+    assert!(stderr.contains("--all"), "{stderr}");
+
+    let (code, out, _) = cli(&world, &["parked", "replay", "--trip", "r-2", "--dry-run"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("would replay r-2"), "{out}");
+    assert_eq!(world.client.depth(PARKED).await, 3, "a dry run changes nothing");
+
+    let (code, out, _) = cli(&world, &["parked", "replay", "--trip", "r-2"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("replayed r-2"), "{out}");
+    assert_eq!(world.client.depth(PARKED).await, 2);
+    let replayed = world.client.get(WORK).await.expect("r-2 is back in the work queue");
+    assert_eq!(inner(&replayed.body)["tripID"], "r-2");
+    assert_eq!(replayed.header_int("payment-attempt"), None, "attempt counter reset");
+    world
+        .client
+        .publish(
+            "",
+            WORK,
+            &replayed.body,
+            &[
+                ("payment-original-exchange", "trip"),
+                ("payment-original-routing-key", "payment.cmd.create_session"),
+            ],
+        )
+        .await;
+
+    let worker = world.start_worker(&[]).await;
+    let events = world.client.take(EVENTS, 1, Duration::from_secs(10)).await;
+    assert_eq!(inner(&events[0].body)["tripID"], "r-2");
+    assert_eq!(world.stripe.created_for("r-2").len(), 1);
+    assert_eq!(world.client.depth(PARKED).await, 2, "r-1 and the broken one stay parked");
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn purge_needs_yes_and_removes_only_what_matches() {
+    let world = World::new("ops-purge").await;
+    park(&world, &["p-1"]).await;
+    let (code, _, stderr) = cli(&world, &["parked", "purge", "--reason", "invalid_message"]).await;
+    assert_eq!(code, 0);
+    assert!(stderr.contains("--yes"), "{stderr}");
+    assert_eq!(world.client.depth(PARKED).await, 2);
+    let (code, out, _) =
+        cli(&world, &["parked", "purge", "--reason", "invalid_message", "--yes"]).await;
+    assert_eq!(code, 0);
+    assert!(out.starts_with("purged (undecodable)"), "{out}");
+    let left = parked_bodies(&world).await;
+    assert_eq!(left.len(), 1);
+    assert_eq!(inner(&left[0])["tripID"], "p-1");
+}
+
+#[tokio::test]
+async fn a_replay_killed_midway_loses_nothing() {
+    let world = World::new("ops-kill").await;
+    let worker = world.start_worker(&[]).await;
+    worker.stop().await.unwrap();
+    let trips: Vec<String> = (0..400).map(|i| format!("k-{i:03}")).collect();
+    for trip in &trips {
+        world
+            .client
+            .publish(
+                "",
+                PARKED,
+                &command(trip, "u", 100.0, "USD"),
+                &[("payment-park-reason", "retries_exhausted")],
+            )
+            .await;
+    }
+    for delay_ms in [40, 120, 250] {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"))
+            .args(["--rabbitmq-uri", &world.vhost.uri(), "parked", "replay", "--all"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        // Let the broker requeue what the killed connection held.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let parked = world.client.depth(PARKED).await as usize;
+        let work = world.client.depth(WORK).await as usize;
+        assert!(
+            parked + work >= trips.len(),
+            "after a kill at {delay_ms}ms: {parked} parked + {work} queued < {}",
+            trips.len()
+        );
+    }
+    let mut seen: Vec<String> = Vec::new();
+    for queue in [PARKED, WORK] {
+        for message in world.client.take(queue, usize::MAX, Duration::from_millis(500)).await {
+            seen.push(inner(&message.body)["tripID"].as_str().unwrap().to_owned());
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, trips, "every trip is still parked or back in the work queue");
+}
+
+#[tokio::test]
+async fn check_passes_on_a_fresh_declaration_and_names_a_differing_argument() {
+    let world = World::new("ops-check").await;
+    let (code, out, _) = cli(&world, &["topology", "check"]).await;
+    assert_eq!(code, 1, "an empty vhost lacks everything");
+    assert!(out.contains("missing") && out.contains("queue payment_trip_response"), "{out}");
+
+    let worker = world.start_worker(&[]).await;
+    worker.stop().await.unwrap();
+    let (code, out, _) = cli(&world, &["topology", "check"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("differs") && !out.contains("missing"), "{out}");
+
+    // Someone redeclares a wait queue with another TTL.
+    let channel = world.client.connection.create_channel().await.unwrap();
+    channel.queue_delete("payment_wait_2s".into(), Default::default()).await.unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(5000));
+    channel
+        .queue_declare(
+            "payment_wait_2s".into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            arguments,
+        )
+        .await
+        .unwrap();
+    let (code, out, _) = cli(&world, &["topology", "check", "--json"]).await;
+    assert_eq!(code, 1);
+    let differs: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["status"] == "differs")
+        .collect();
+    assert_eq!(differs.len(), 1, "{out}");
+    assert_eq!(differs[0]["object"], "queue payment_wait_2s");
+    assert!(differs[0]["detail"].as_str().unwrap().contains("x-message-ttl"), "{out}");
+}
+
+#[tokio::test]
+async fn definitions_import_into_a_fresh_vhost_and_the_worker_accepts_them() {
+    let world = World::new("ops-definitions").await;
+    let (code, definitions, _) = cli(
+        &world,
+        &["topology", "show", "--format", "definitions", "--vhost", world.vhost.name()],
+    )
+    .await;
+    assert_eq!(code, 0);
+    let file = std::env::temp_dir().join(format!("{}.json", world.vhost.name()));
+    std::fs::write(&file, &definitions).unwrap();
+    testkit::vhost::rabbitmqctl(&["import_definitions", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    // The import is asynchronous: wait until check passes.
+    let imported = testkit::eventually(Duration::from_secs(15), || async {
+        (cli(&world, &["topology", "check"]).await.0 == 0).then_some(())
+    })
+    .await;
+    assert!(imported.is_some(), "the imported topology matches the profile");
+
+    let worker = world.start_worker(&[]).await;
+    let (code, out, _) =
+        cli(&world, &["send", "--trip-id", "d-1", "--user-id", "u-1", "--amount-cents", "4523"])
+            .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("d-1"), "{out}");
+    let events = world.client.take(EVENTS, 1, Duration::from_secs(10)).await;
+    assert_eq!(inner(&events[0].body)["amount"], 45.23);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn errors_name_what_went_wrong() {
+    let world = World::new("ops-errors").await;
+    let (code, _, stderr) = cli(&world, &["parked", "list"]).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("payment_parked") && stderr.contains("not found"), "{stderr}");
+    let dead = testkit::free_loopback_addr();
+    let (code, _, stderr) =
+        cli_on(&format!("amqp://guest:guest@{dead}/%2f"), &["parked", "list"]).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unreachable") || stderr.contains("connecting"), "{stderr}");
+    let (code, _, stderr) =
+        cli(&world, &["send", "--trip-id", "x", "--user-id", "u", "--amount-cents", "1"]).await;
+    assert_ne!(code, 0, "no trip exchange yet");
+    assert!(stderr.contains("trip"), "{stderr}");
+}
