@@ -3,18 +3,18 @@
 
 SHELL := /bin/bash
 ADVISORY_DB ?= ../shared/advisory-db
-export RABBITMQ_URI ?= amqp://guest:guest@127.0.0.1:5672/%2f
-export HTTP_ADDR ?= 127.0.0.1:8080
-export LOG_FORMAT ?= text
 
-.PHONY: run test broker tools lint unit rules audit
+.PHONY: run test broker tools lint unit rules chart audit image
 
 ## Start the local broker if needed, then run the worker on its default setup.
+run: export RABBITMQ_URI ?= amqp://guest:guest@127.0.0.1:5672/%2f
+run: export HTTP_ADDR ?= 127.0.0.1:8080
+run: export LOG_FORMAT ?= text
 run: broker
 	cargo run --release -- run
 
 ## Everything CI checks: formatting, lints, all tests against the real broker, the audit.
-test: broker tools lint unit rules audit
+test: broker tools lint unit rules chart audit
 
 broker:
 	@scripts/ensure-rabbitmq.sh
@@ -33,6 +33,14 @@ unit: broker tools
 rules: tools
 	promtool check rules helm/payment-worker/files/alerts.yaml
 	cd monitoring && promtool test rules alerts.test.yaml
+
+## The Helm chart, offline: lint, render, schema-validate, and the chart checks.
+chart:
+	scripts/check-chart.sh
+
+## The container image (needs a Docker engine, which CI machines do not have).
+image:
+	docker build -t payment-worker:$$(cargo pkgid | sed 's/.*[#@]//') .
 
 audit:
 	@scripts/ensure-cargo-audit.sh

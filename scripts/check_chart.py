@@ -1,0 +1,168 @@
+"""Checks of the payment-worker chart that Kubernetes schema validation cannot make.
+
+Usage: check_chart.py HELM CHART RENDER_DIR   (RENDER_DIR holds one render per ci/ values file)
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+HELM, CHART, RENDERS = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ROOT = Path(__file__).resolve().parent.parent
+failures = []
+
+
+def check(condition, message):
+    if not condition:
+        failures.append(message)
+
+
+def load(name):
+    docs = [d for d in yaml.safe_load_all((RENDERS / f"{name}.yaml").read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def only(docs, kind):
+    found = [d for (k, _), d in docs.items() if k == kind]
+    return found[0] if len(found) == 1 else None
+
+
+def helm_template(*args):
+    return subprocess.run([HELM, "template", "payment-worker", str(CHART), *args],
+                          capture_output=True, text=True)
+
+
+# The routes the binary serves, read from its router.
+routes = set(re.findall(r'\.route\("([^"]+)"', (ROOT / "src/http.rs").read_text()))
+# Every setting the binary reads from the environment.
+settings = set(re.findall(r'env = "([A-Z_]+)"', (ROOT / "src/config.rs").read_text()))
+SECRET_SETTINGS = {"RABBITMQ_URI", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_KEY"}
+
+for name in ["default-values", "existing-secret-values", "monitoring-values", "single-replica-values"]:
+    docs = load(name)
+    deployment = only(docs, "Deployment")
+    service = only(docs, "Service")
+    configmap = only(docs, "ConfigMap")
+    check(deployment and service and configmap, f"{name}: Deployment, Service and ConfigMap are rendered")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    # Probes hit routes the binary really serves, on the container's port.
+    for probe, path in [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")]:
+        http = container[probe]["httpGet"]
+        check(http["path"] == path and http["path"] in routes, f"{name}: {probe} -> {http['path']} is a real route")
+        check(http["port"] in ports, f"{name}: {probe} port {http['port']} is a container port")
+    check(f"0.0.0.0:{ports['http']}" == configmap["data"]["HTTP_ADDR"], f"{name}: HTTP_ADDR matches the container port")
+
+    # Every worker setting is reachable: from the ConfigMap, or from the Secret.
+    env_names = {e["name"] for e in container.get("env", [])}
+    reachable = set(configmap["data"]) | env_names
+    optional = {"STRIPE_SUCCESS_URL", "STRIPE_CANCEL_URL"}  # derived from APP_URL unless set
+    missing = settings - reachable - optional - SECRET_SETTINGS
+    check(not missing, f"{name}: settings not reachable from values: {sorted(missing)}")
+
+    # The mounted topology is the one the binary ships.
+    profile = "quorum" if name == "existing-secret-values" else "default"
+    shipped = (ROOT / "topology" / f"{profile}.toml").read_text()
+    check(configmap["data"]["topology.toml"].strip() == shipped.strip(),
+          f"{name}: the ConfigMap's topology is topology/{profile}.toml")
+    mount = container["volumeMounts"][0]["mountPath"]
+    check(configmap["data"]["PAYMENT_TOPOLOGY"] == f"{mount}/topology.toml", f"{name}: PAYMENT_TOPOLOGY points at the mount")
+
+    # Locked down.
+    pod_security = pod["spec"]["securityContext"]
+    security = container["securityContext"]
+    check(pod_security.get("runAsNonRoot") is True, f"{name}: runAsNonRoot")
+    check(pod_security.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name}: seccomp RuntimeDefault")
+    check(security.get("readOnlyRootFilesystem") is True, f"{name}: readOnlyRootFilesystem")
+    check(security.get("allowPrivilegeEscalation") is False, f"{name}: no privilege escalation")
+    check(security.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: all capabilities dropped")
+    check(pod["spec"].get("automountServiceAccountToken") is False, f"{name}: no service account token")
+    check("checksum/config" in pod["metadata"]["annotations"], f"{name}: checksum/config annotation")
+    check(container["resources"].get("limits") and container["resources"].get("requests"), f"{name}: requests and limits")
+
+    # Selectors are only the two immutable selector labels, and the Service selects the pods.
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    check(set(selector) == {"app.kubernetes.io/name", "app.kubernetes.io/instance"}, f"{name}: selector labels")
+    check(service["spec"]["selector"] == selector, f"{name}: the Service selects the pods")
+    check(all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items()), f"{name}: pods carry the selector")
+
+    replicas = deployment["spec"]["replicas"]
+    pdb = only(docs, "PodDisruptionBudget")
+    if replicas > 1:
+        check(pdb is not None and pdb["apiVersion"] == "policy/v1", f"{name}: a policy/v1 PodDisruptionBudget")
+        check(pdb["spec"]["selector"]["matchLabels"] == selector, f"{name}: the PDB selects the pods")
+    else:
+        check(pdb is None, f"{name}: no PodDisruptionBudget with one replica")
+
+    secret = only(docs, "Secret")
+    check(name != "default-values" or secret is not None, f"{name}: inline secrets render a Secret")
+    check(name == "default-values" or secret is None, f"{name}: no Secret rendered")
+    check("checksum/secret" in pod["metadata"]["annotations"] or secret is None, f"{name}: checksum/secret annotation")
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            check(ref["key"] in SECRET_SETTINGS, f"{name}: secret key {ref['key']} is a fixed key name")
+
+    monitor = only(docs, "ServiceMonitor")
+    rule = only(docs, "PrometheusRule")
+    if name == "monitoring-values":
+        check(monitor is not None and rule is not None, f"{name}: ServiceMonitor and PrometheusRule rendered")
+        check(monitor["apiVersion"] == "monitoring.coreos.com/v1", "ServiceMonitor apiVersion")
+        check(monitor["spec"]["selector"]["matchLabels"] == selector, "ServiceMonitor selects the Service")
+        check(all(service["metadata"]["labels"].get(k) == v for k, v in selector.items()), "the Service carries the selector labels")
+        endpoint = monitor["spec"]["endpoints"][0]
+        check(endpoint["port"] == service["spec"]["ports"][0]["name"], "ServiceMonitor port is the Service's port name")
+        check(endpoint["path"] == "/metrics" and "/metrics" in routes, "ServiceMonitor scrapes /metrics")
+        check(monitor["metadata"]["labels"].get("release") == "prometheus", "ServiceMonitor carries its extra labels")
+        check(rule["apiVersion"] == "monitoring.coreos.com/v1", "PrometheusRule apiVersion")
+        shipped_rules = yaml.safe_load((CHART / "files/alerts.yaml").read_text())
+        check(rule["spec"] == shipped_rules, "PrometheusRule holds files/alerts.yaml")
+        for group in rule["spec"]["groups"]:
+            for r in group["rules"]:
+                check({"alert", "expr", "for", "labels", "annotations"} <= set(r), f"rule {r.get('alert')} is complete")
+                check(r["labels"].get("severity") in {"warning", "critical"}, f"rule {r.get('alert')} has a severity")
+        ingress = only(docs, "Ingress")
+        paths = [p["path"] for rule_ in ingress["spec"]["rules"] for p in rule_["http"]["paths"]]
+        check(paths == ["/webhook/stripe"] and "/webhook/stripe" in routes, "the Ingress exposes only the webhook")
+    else:
+        check(monitor is None and rule is None, f"{name}: monitoring objects are off by default")
+
+# Renders that must fail, each with a message that says why.
+for args, expected in [
+    ([], "secrets: mode is stripe"),
+    (["--set", "secrets.existingSecret=x", "--set", "secrets.stripeSecretKey=sk"], "not both"),
+    (["--set", "mode=mock", "--set", "terminationGracePeriodSeconds=20"], "must be longer than worker.shutdownGrace"),
+    (["--set", "mode=bogus"], "mode"),
+    (["--set", "mode=mock", "--set", "topology.profile=stream"], "profile"),
+    (["--set", "mode=mock", "--set", "worker.prefetch=0"], "prefetch"),
+    (["--set", "mode=mock", "--set", "replicaCount=two"], "replicaCount"),
+    (["--set", "mode=mock", "--set", "typo=1"], "typo"),
+    (["--set", "mode=mock", "--set", "ingress.enabled=true"], "ingress.host"),
+]:
+    result = helm_template(*args)
+    check(result.returncode != 0 and expected in result.stderr,
+          f"render with {args} should fail mentioning {expected!r}; got {result.returncode}: {result.stderr.strip()[:300]}")
+
+# Names stay within 63 characters.
+long = subprocess.run([HELM, "template", "a" * 53, str(CHART), "--set", "mode=mock"], capture_output=True, text=True)
+check(long.returncode == 0, f"long release name renders: {long.stderr[:200]}")
+for doc in yaml.safe_load_all(long.stdout):
+    if doc:
+        check(len(doc["metadata"]["name"]) <= 63, f"{doc['kind']} name is at most 63 characters")
+
+# The chart's copies of the shipped files are the originals.
+for profile in ["default", "quorum"]:
+    check((CHART / f"files/topology/{profile}.toml").read_text() == (ROOT / f"topology/{profile}.toml").read_text(),
+          f"helm/payment-worker/files/topology/{profile}.toml is a copy of topology/{profile}.toml")
+
+if failures:
+    print("chart checks failed:")
+    for failure in failures:
+        print(f"  - {failure}")
+    sys.exit(1)
+print("chart checks passed")
