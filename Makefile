@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 ADVISORY_DB ?= ../shared/advisory-db
 
-.PHONY: run test broker tools lint unit rules chart audit image
+.PHONY: run test broker tools lint unit rules chart audit image chaos
 
 ## Start the local broker if needed, then run the worker on its default setup.
 run: export RABBITMQ_URI ?= amqp://guest:guest@127.0.0.1:5672/%2f
@@ -27,7 +27,12 @@ lint:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 unit: broker tools
-	cargo test --workspace --locked
+	cargo test --workspace --locked -- --show-output
+
+## The long chaos run (not part of `make test`). Size it with CHAOS_TRIPS, CHAOS_SECONDS,
+## CHAOS_KILLS, CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_PODS.
+chaos: broker
+	cargo test --release --locked --test chaos chaos_soak -- --ignored --nocapture
 
 ## The alert rules: syntax, then their unit tests.
 rules: tools

@@ -6,8 +6,12 @@
 //!   endpoint: form-encoded parameters, Idempotency-Key replay, `idempotency_error` on a
 //!   changed request, and scripted failures.
 //! - [`amqp`]: publishing commands and reading queues the way the trip system would.
+//! - [`node`]: a RabbitMQ node of a test's own, to stop and kill freely.
+//! - [`proxy::FaultProxy`]: a TCP proxy that cuts and delays connections.
 
 pub mod amqp;
+pub mod node;
+pub mod proxy;
 pub mod stripe;
 pub mod vhost;
 

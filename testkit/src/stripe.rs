@@ -95,6 +95,18 @@ struct State {
     created: Vec<Created>,
     seen: Vec<Seen>,
     delay: Duration,
+    /// Unscripted requests fail with this probability, at most `max_per_trip` times per trip.
+    random: Option<RandomFailures>,
+    random_failures: HashMap<String, u32>,
+}
+
+/// Failures for unscripted trips, drawn at random.
+#[derive(Debug, Clone, Copy)]
+pub struct RandomFailures {
+    pub rate: f64,
+    pub max_per_trip: u32,
+    /// How long a `Slow` answer takes (longer than the worker's timeout: the answer is lost).
+    pub slow: Duration,
 }
 
 /// The running stand-in; stops when dropped.
@@ -151,6 +163,12 @@ impl StripeStandin {
     /// Delays every answer by `delay` (a slow but healthy Stripe).
     pub fn set_latency(&self, delay: Duration) {
         self.lock().delay = delay;
+    }
+
+    /// Makes unscripted requests fail at random: a 503, a 429, a dropped connection or an
+    /// answer slower than the client waits, each equally likely.
+    pub fn set_random_failures(&self, random: RandomFailures) {
+        self.lock().random = Some(random);
     }
 
     /// Sessions created so far.
@@ -249,11 +267,13 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
         return Ok(error(400, "invalid_request_error", Some("parameter_missing"), &problem, None));
     }
 
-    let behaviour = lock()
-        .scripts
-        .get_mut(&trip_id)
-        .and_then(VecDeque::pop_front)
-        .unwrap_or(Behaviour::Succeed);
+    let behaviour = {
+        let mut state = lock();
+        match state.scripts.get_mut(&trip_id).and_then(VecDeque::pop_front) {
+            Some(scripted) => scripted,
+            None => random_behaviour(&mut state, &trip_id),
+        }
+    };
     match behaviour {
         Behaviour::Drop => {
             record(0, false);
@@ -301,6 +321,21 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
             record(200, false);
             Ok(json(200, body, false, None))
         }
+    }
+}
+
+fn random_behaviour(state: &mut State, trip_id: &str) -> Behaviour {
+    let Some(random) = state.random else { return Behaviour::Succeed };
+    let used = state.random_failures.entry(trip_id.to_owned()).or_default();
+    if *used >= random.max_per_trip || rand::random::<f64>() >= random.rate {
+        return Behaviour::Succeed;
+    }
+    *used += 1;
+    match rand::random_range(0..4) {
+        0 => Behaviour::unavailable(),
+        1 => Behaviour::rate_limited(),
+        2 => Behaviour::Drop,
+        _ => Behaviour::Slow(random.slow),
     }
 }
 

@@ -7,6 +7,7 @@ mod invalid;
 mod lifecycle;
 mod observability;
 mod ops;
+mod recovery;
 mod retries;
 mod topology;
 mod webhook;

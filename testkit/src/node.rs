@@ -1,0 +1,131 @@
+//! A RabbitMQ node of a test's own (its own node name, ports and data directory), started from
+//! the installed `rabbitmq-server`, so a test can stop and kill it without touching the
+//! machine's shared broker. Stopped, killed and removed when dropped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+
+pub struct RabbitNode {
+    name: String,
+    port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+}
+
+impl RabbitNode {
+    /// Starts a fresh node and waits until it accepts AMQP connections.
+    ///
+    /// # Panics
+    /// When the node does not start.
+    pub fn start(tag: &str) -> Self {
+        let port = crate::free_loopback_addr().port();
+        let dist_port = crate::free_loopback_addr().port();
+        let name = format!("pw-{tag}-{}@localhost", std::process::id());
+        let dir = std::env::temp_dir().join(format!("pw-node-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("node directory");
+        std::fs::write(dir.join("rabbitmq.conf"), "loopback_users = none\n").expect("node config");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        let node = Self { name, port, dist_port, dir };
+        node.boot();
+        node
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
+            .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
+            // The CLI tools and the node must share the Erlang cookie.
+            .env("HOME", "/var/lib/rabbitmq");
+        command
+    }
+
+    /// `rabbitmqctl -n <node> ARGS`.
+    ///
+    /// # Panics
+    /// When rabbitmqctl fails.
+    pub fn ctl(&self, args: &[&str]) {
+        let status = self
+            .command(CTL)
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .arg("-q")
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success(), "rabbitmqctl {args:?} failed on {}", self.name);
+    }
+
+    /// Starts the node detached and waits for its AMQP listener, which opens last in the boot
+    /// (`rabbitmqctl await_startup` fails at once while the node has not yet registered).
+    fn boot(&self) {
+        let status = self.command(SERVER).arg("-detached").status().expect("rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server did not start");
+        self.wait_for_port();
+    }
+
+    fn wait_for_port(&self) {
+        for _ in 0..1200 {
+            if std::net::TcpStream::connect(self.addr()).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("node {} never opened port {}", self.name, self.port);
+    }
+
+    /// `rabbitmqctl stop_app`, then `start_app`, with `down` in between.
+    pub fn restart_app(&self, down: Duration) {
+        self.ctl(&["stop_app"]);
+        std::thread::sleep(down);
+        self.ctl(&["start_app"]);
+        self.wait_for_port();
+    }
+
+    /// SIGKILL of the broker process, then a cold start on the same data directory.
+    pub fn kill_and_restart(&self) {
+        self.kill();
+        self.boot();
+    }
+
+    fn kill(&self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        }
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(self.addr()).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        let _ = self.command(CTL).arg("-n").arg(&self.name).args(["stop", "-q"]).status();
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

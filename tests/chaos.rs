@@ -1,0 +1,462 @@
+//! The chaos suite: real `payment-worker` pods (child processes, competing consumers) on a
+//! RabbitMQ node of the suite's own, behind a fault proxy, with a Stripe stand-in that fails a
+//! share of calls. While trips flow, pods are SIGKILLed (preferably while retries wait in the
+//! wait queues) and replaced, one is stopped with SIGTERM, the broker is restarted
+//! (`stop_app`/`start_app`, and SIGKILL plus a cold start), and the workers' connections are
+//! cut and delayed. Then every trip is accounted for.
+//!
+//! `chaos_bounded` runs in `make test`. `chaos_soak` is the long run (`make chaos`), sized by
+//! CHAOS_TRIPS, CHAOS_SECONDS (how long trips are published), CHAOS_KILLS,
+//! CHAOS_BROKER_RESTARTS, CHAOS_CUTS and CHAOS_PODS.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use testkit::amqp::{command, inner};
+use testkit::node::RabbitNode;
+use testkit::proxy::FaultProxy;
+use testkit::stripe::{Behaviour, RandomFailures, SECRET_KEY, StripeStandin};
+use tokio::process::{Child, Command};
+
+#[derive(Debug, Clone)]
+struct Params {
+    trips: usize,
+    publish_for: Duration,
+    kills: usize,
+    broker_restarts: usize,
+    cuts: usize,
+    pods: usize,
+}
+
+impl Params {
+    fn from_env(defaults: Params) -> Params {
+        let get = |name: &str, default: usize| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+        };
+        Params {
+            trips: get("CHAOS_TRIPS", defaults.trips),
+            publish_for: Duration::from_secs(get(
+                "CHAOS_SECONDS",
+                defaults.publish_for.as_secs() as usize,
+            ) as u64),
+            kills: get("CHAOS_KILLS", defaults.kills),
+            broker_restarts: get("CHAOS_BROKER_RESTARTS", defaults.broker_restarts),
+            cuts: get("CHAOS_CUTS", defaults.cuts),
+            pods: get("CHAOS_PODS", defaults.pods),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_bounded() {
+    run(Params {
+        trips: 300,
+        publish_for: Duration::from_secs(30),
+        kills: 3,
+        broker_restarts: 2,
+        cuts: 2,
+        pods: 2,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long soak run: make chaos"]
+async fn chaos_soak() {
+    let params = Params::from_env(Params {
+        trips: 10_000,
+        publish_for: Duration::from_secs(600),
+        kills: 20,
+        broker_restarts: 3,
+        cuts: 10,
+        pods: 3,
+    });
+    run(params).await;
+}
+
+/// A worker process.
+struct Pod {
+    child: Child,
+    http: std::net::SocketAddr,
+}
+
+struct Harness {
+    node: RabbitNode,
+    proxy: FaultProxy,
+    stripe: StripeStandin,
+    logs: PathBuf,
+    started: usize,
+}
+
+impl Harness {
+    async fn spawn_pod(&mut self) -> Pod {
+        self.started += 1;
+        let http = testkit::free_loopback_addr();
+        let log =
+            std::fs::File::create(self.logs.join(format!("pod-{}.log", self.started))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_payment-worker"))
+            .args([
+                "--rabbitmq-uri",
+                &format!("amqp://guest:guest@{}/%2f", self.proxy.addr()),
+                "run",
+            ])
+            .args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &self.stripe.base_url()])
+            .args([
+                "--stripe-timeout",
+                "1s",
+                "--http-addr",
+                &http.to_string(),
+                "--shutdown-grace",
+                "10s",
+            ])
+            .args([
+                "--reconnect-min-delay",
+                "100ms",
+                "--reconnect-max-delay",
+                "2s",
+                "--reconnect-max-attempts",
+                "200",
+            ])
+            .args(["--prefetch", "16", "--log-format", "text"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start a pod");
+        let ready = testkit::eventually(Duration::from_secs(30), || async move {
+            matches!(testkit::http_get(http, "/readyz").await, Some((200, _))).then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "pod {} never became ready", self.started);
+        Pod { child, http }
+    }
+}
+
+/// What the observers saw.
+#[derive(Default)]
+struct Observed {
+    published: BTreeMap<String, Instant>,
+    /// trip → session ids of every event copy, and when the first arrived.
+    events: HashMap<String, (Vec<String>, Instant)>,
+}
+
+async fn connect(uri: &str) -> Option<Connection> {
+    Connection::connect(uri, ConnectionProperties::default()).await.ok()
+}
+
+/// Publishes the trips evenly over `duration`, straight to the node (not through the proxy),
+/// reconnecting across broker restarts; a trip counts as published once confirmed.
+async fn publish_trips(
+    uri: String,
+    trips: Vec<String>,
+    duration: Duration,
+    observed: Arc<Mutex<Observed>>,
+) {
+    let gap = duration / u32::try_from(trips.len().max(1)).unwrap();
+    let mut next = 0;
+    let mut session = None;
+    while next < trips.len() {
+        if session.is_none() {
+            let Some(connection) = connect(&uri).await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let Ok(channel) = connection.create_channel().await else { continue };
+            if channel.confirm_select(ConfirmSelectOptions::default()).await.is_err() {
+                continue;
+            }
+            session = Some((connection, channel));
+        }
+        let (_, channel) = session.as_ref().unwrap();
+        let trip = &trips[next];
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let published = async {
+            let confirm = channel
+                .basic_publish(
+                    "trip".into(),
+                    "payment.cmd.create_session".into(),
+                    BasicPublishOptions::default(),
+                    &command(trip, "rider", 1500.0, "USD"),
+                    properties,
+                )
+                .await
+                .ok()?;
+            confirm.await.ok().filter(|c| c.is_ack())
+        }
+        .await;
+        if published.is_some() {
+            observed.lock().unwrap().published.entry(trip.clone()).or_insert_with(Instant::now);
+            next += 1;
+            tokio::time::sleep(gap).await;
+        } else {
+            session = None;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Records every `session_created` event, reconnecting across broker restarts.
+async fn observe_events(uri: String, observed: Arc<Mutex<Observed>>) {
+    loop {
+        let Some(connection) = connect(&uri).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let Ok(channel) = connection.create_channel().await else { continue };
+        let Ok(mut consumer) = channel
+            .basic_consume(
+                "notify_payment_session_created".into(),
+                "chaos-observer".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let event = inner(&delivery.data);
+            let trip = event["tripID"].as_str().unwrap_or_default().to_owned();
+            let session = event["sessionID"].as_str().unwrap_or_default().to_owned();
+            observed
+                .lock()
+                .unwrap()
+                .events
+                .entry(trip)
+                .or_insert_with(|| (Vec::new(), Instant::now()))
+                .0
+                .push(session);
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+    }
+}
+
+async fn depth(uri: &str, queue: &str) -> Option<u32> {
+    let connection = connect(uri).await?;
+    let channel = connection.create_channel().await.ok()?;
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = connection.close(200, "depth".into()).await;
+    Some(q.message_count())
+}
+
+async fn parked_trips(uri: &str) -> BTreeSet<String> {
+    let client = testkit::amqp::Client::connect(uri).await;
+    let parked = client.take("payment_parked", usize::MAX, Duration::from_millis(500)).await;
+    parked
+        .iter()
+        .map(|m| inner(&m.body)["tripID"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+const WAIT_QUEUES: [&str; 3] = ["payment_wait_1s", "payment_wait_2s", "payment_wait_4s"];
+
+async fn run(params: Params) {
+    let run_started = Instant::now();
+    let logs = std::env::temp_dir().join(format!("pw-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).unwrap();
+    let node = RabbitNode::start("chaos");
+    let proxy = FaultProxy::start(node.addr()).await;
+    let stripe = StripeStandin::start().await;
+    stripe.set_random_failures(RandomFailures {
+        rate: 0.2,
+        max_per_trip: 2,
+        slow: Duration::from_millis(1500),
+    });
+    let trips: Vec<String> = (0..params.trips).map(|i| format!("chaos-{i:05}")).collect();
+    // One trip in fifty fails for good; only those may end up parked.
+    let doomed: BTreeSet<String> = trips.iter().step_by(50).cloned().collect();
+    for trip in &doomed {
+        stripe.script(trip, [Behaviour::invalid_request()]);
+    }
+    let mut harness = Harness { node, proxy, stripe, logs: logs.clone(), started: 0 };
+    let mut pods = Vec::new();
+    for _ in 0..params.pods {
+        pods.push(harness.spawn_pod().await);
+    }
+    // Let the topology settle before the broker is touched (quorum and mnesia both need it).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let uri = harness.node.uri();
+    let observed = Arc::new(Mutex::new(Observed::default()));
+    let publisher = tokio::spawn(publish_trips(
+        uri.clone(),
+        trips.clone(),
+        params.publish_for,
+        observed.clone(),
+    ));
+    let observer = tokio::spawn(observe_events(uri.clone(), observed.clone()));
+
+    // The faults, spread over the publishing window in a shuffled order.
+    let mut faults: Vec<&str> = Vec::new();
+    faults.extend(std::iter::repeat_n("kill", params.kills));
+    faults.extend(
+        (0..params.broker_restarts).map(|i| if i % 2 == 0 { "broker-kill" } else { "broker-app" }),
+    );
+    faults.extend(std::iter::repeat_n("cut", params.cuts));
+    faults.push("sigterm");
+    faults.push("delay");
+    shuffle(&mut faults);
+    let gap = params.publish_for / u32::try_from(faults.len() + 1).unwrap();
+    let (mut kills, mut restarts, mut sigterms) = (0, 0, 0);
+    for fault in faults {
+        tokio::time::sleep(gap).await;
+        match fault {
+            "kill" => {
+                // Prefer a moment when retries wait in the broker.
+                let _ = testkit::eventually(Duration::from_secs(3), || async {
+                    let mut waiting = 0;
+                    for queue in WAIT_QUEUES {
+                        waiting += depth(&uri, queue).await.unwrap_or(0);
+                    }
+                    (waiting > 0).then_some(())
+                })
+                .await;
+                let victim = rand::random_range(0..pods.len());
+                let mut pod = pods.swap_remove(victim);
+                pod.child.start_kill().unwrap();
+                let _ = pod.child.wait().await;
+                kills += 1;
+                pods.push(harness.spawn_pod().await);
+            }
+            "sigterm" => {
+                let mut pod = pods.remove(0);
+                let pid = pod.child.id().unwrap().to_string();
+                std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+                let status = tokio::time::timeout(Duration::from_secs(20), pod.child.wait()).await;
+                assert!(
+                    matches!(status, Ok(Ok(s)) if s.success()),
+                    "SIGTERM under load exits 0: {status:?}"
+                );
+                let _ = pod.http;
+                sigterms += 1;
+                pods.push(harness.spawn_pod().await);
+            }
+            "broker-kill" => {
+                let node = &harness.node;
+                tokio::task::block_in_place(|| node.kill_and_restart());
+                restarts += 1;
+            }
+            "broker-app" => {
+                let node = &harness.node;
+                tokio::task::block_in_place(|| node.restart_app(Duration::from_secs(2)));
+                restarts += 1;
+            }
+            "cut" => harness.proxy.cut_all(),
+            "delay" => {
+                harness.proxy.set_delay(Duration::from_millis(200));
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                harness.proxy.set_delay(Duration::ZERO);
+            }
+            _ => unreachable!(),
+        }
+    }
+    publisher.await.unwrap();
+
+    // Drain: every trip gets its event or is parked, and the wait queues empty.
+    let expected_events = trips.len() - doomed.len();
+    let drained = testkit::eventually(Duration::from_secs(180), || {
+        let observed = observed.clone();
+        let uri = uri.clone();
+        async move {
+            let done = observed.lock().unwrap().events.len() >= expected_events;
+            if !done {
+                return None;
+            }
+            for queue in WAIT_QUEUES.iter().chain(["payment_trip_response"].iter()) {
+                if depth(&uri, queue).await != Some(0) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    // A settled moment: late duplicates arrive, then the pods stop.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for mut pod in pods {
+        let _ = pod.child.start_kill();
+        let _ = pod.child.wait().await;
+    }
+    observer.abort();
+
+    let parked = parked_trips(&uri).await;
+    let observed = observed.lock().unwrap();
+    let created = harness.stripe.created();
+    let mut sessions_per_trip: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+    for session in &created {
+        sessions_per_trip.entry(session.trip_id.as_str()).or_default().insert(session.id.as_str());
+    }
+    let duplicate_sessions: usize = sessions_per_trip.values().map(|s| s.len() - 1).sum();
+    let lost: Vec<&String> = trips
+        .iter()
+        .filter(|t| !observed.events.contains_key(*t) && !parked.contains(*t))
+        .collect();
+    let duplicate_events: usize =
+        observed.events.values().map(|(copies, _)| copies.len() - 1).sum();
+    let inconsistent: Vec<&String> = observed
+        .events
+        .iter()
+        .filter(|(_, (copies, _))| copies.iter().collect::<BTreeSet<_>>().len() > 1)
+        .map(|(trip, _)| trip)
+        .collect();
+    let mut latencies: Vec<f64> = observed
+        .events
+        .iter()
+        .filter_map(|(trip, (_, at))| {
+            Some(at.duration_since(*observed.published.get(trip)?).as_secs_f64())
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+
+    println!(
+        "chaos: trips={} pods={} kills={kills} sigterms={sigterms} broker_restarts={restarts} connection_cuts={} stripe_sessions={} duplicate_sessions={duplicate_sessions} lost={} duplicate_events={duplicate_events} parked={} p50={:.3}s p99={:.3}s wall={:.0}s",
+        trips.len(),
+        params.pods,
+        harness.proxy.cuts(),
+        created.len(),
+        lost.len(),
+        parked.len(),
+        percentile(0.5),
+        percentile(0.99),
+        run_started.elapsed().as_secs_f64(),
+    );
+    let log_hint = format!("pod logs in {}", logs.display());
+    assert!(drained.is_some(), "the system did not drain within 180 s; {log_hint}");
+    assert_eq!(duplicate_sessions, 0, "a trip got two Stripe sessions; {log_hint}");
+    assert!(lost.is_empty(), "lost trips: {lost:?}; {log_hint}");
+    assert!(inconsistent.is_empty(), "events with different session ids: {inconsistent:?}");
+    assert_eq!(parked, doomed, "only the trips scripted to fail for good are parked; {log_hint}");
+    let _ = std::fs::remove_dir_all(&logs);
+}
+
+fn shuffle<T>(items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, rand::random_range(0..=i));
+    }
+}
