@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 ADVISORY_DB ?= ../shared/advisory-db
 
-.PHONY: run test broker tools lint unit rules chart audit image chaos
+.PHONY: run test broker tools lint unit rules chart audit image chaos bench
 
 ## Start the local broker if needed, then run the worker on its default setup.
 run: export RABBITMQ_URI ?= amqp://guest:guest@127.0.0.1:5672/%2f
@@ -38,6 +38,10 @@ chaos: broker
 rules: tools
 	promtool check rules helm/payment-worker/files/alerts.yaml
 	cd monitoring && promtool test rules alerts.test.yaml
+
+## Benchmarks (not part of `make test`); the Markdown report also lands in target/bench-results.md.
+bench: broker
+	cargo bench --locked --bench worker | tee target/bench-results.md
 
 ## The Helm chart, offline: lint, render, schema-validate, and the chart checks.
 chart:

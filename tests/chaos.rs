@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -246,17 +245,9 @@ async fn observe_events(uri: String, observed: Arc<Mutex<Observed>>) {
 
 async fn depth(uri: &str, queue: &str) -> Option<u32> {
     let connection = connect(uri).await?;
-    let channel = connection.create_channel().await.ok()?;
-    let q = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .ok()?;
+    let depth = testkit::amqp::queue_depth(&connection, queue).await;
     let _ = connection.close(200, "depth".into()).await;
-    Some(q.message_count())
+    depth
 }
 
 async fn parked_trips(uri: &str) -> BTreeSet<String> {

@@ -173,16 +173,23 @@ impl Client {
     /// # Panics
     /// When no channel can be opened.
     pub async fn try_depth(&self, queue: &str) -> Option<u32> {
-        let channel = self.connection.create_channel().await.expect("channel");
-        let declared = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .ok()?;
-        let _ = channel.close(200, "depth read".into()).await;
-        Some(declared.message_count())
+        queue_depth(&self.connection, queue).await
     }
+}
+
+/// Messages ready in `queue`, read with a passive declaration on a channel of its own (a
+/// missing queue closes that channel); `None` when the queue does not exist or the connection
+/// is gone.
+pub async fn queue_depth(connection: &Connection, queue: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.ok()?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "depth read".into()).await;
+    Some(declared.message_count())
 }

@@ -1,0 +1,527 @@
+//! `make bench`: payment-worker measured side by side with its baselines, on one broker, in
+//! one run. Every figure is a median of several runs with min and max; the ratios matter more
+//! than the absolute numbers on a shared machine. Results print as Markdown (BENCHMARKS.md).
+//!
+//! BENCH_RUNS (default 3) sets the number of runs per figure; BENCH_N the command count of the
+//! throughput runs (default 20000).
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use payment_worker::contract::CreateSession;
+use payment_worker::stripe::{CheckoutUrls, StripeApi};
+use testkit::amqp::command;
+use testkit::node::RabbitNode;
+use testkit::stripe::{Behaviour, SECRET_KEY, StripeStandin};
+use testkit::vhost::Vhost;
+use tokio::process::{Child, Command};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_payment-worker");
+const EVENTS: &str = "notify_payment_session_created";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Median, min and max of a sample.
+#[derive(Clone, Copy)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Stat {
+    fn of(mut values: Vec<f64>) -> Self {
+        values.sort_by(f64::total_cmp);
+        Self { median: values[values.len() / 2], min: values[0], max: values[values.len() - 1] }
+    }
+
+    fn show(&self, unit: &str) -> String {
+        format!("{:.1}{unit} ({:.1}–{:.1})", self.median, self.min, self.max)
+    }
+}
+
+struct Pod {
+    child: Child,
+    http: std::net::SocketAddr,
+}
+
+async fn start_pod(uri: &str, stripe: Option<&StripeStandin>, prefetch: usize) -> (Pod, Duration) {
+    let http = testkit::free_loopback_addr();
+    let mut command = Command::new(WORKER);
+    command.args([
+        "--rabbitmq-uri",
+        uri,
+        "run",
+        "--http-addr",
+        &http.to_string(),
+        "--prefetch",
+        &prefetch.to_string(),
+    ]);
+    command.args(["--log-format", "text", "--queue-depth-interval", "60s"]).env("RUST_LOG", "warn");
+    if let Some(stripe) = stripe {
+        command.args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &stripe.base_url()]);
+    }
+    let started = Instant::now();
+    let child =
+        command.stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true).spawn().unwrap();
+    wait_ready(http).await;
+    (Pod { child, http }, started.elapsed())
+}
+
+async fn wait_ready(http: std::net::SocketAddr) {
+    let ready = testkit::eventually(Duration::from_secs(60), || async move {
+        matches!(testkit::http_get(http, "/readyz").await, Some((200, _))).then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "worker never became ready");
+}
+
+/// (CPU seconds, peak RSS MiB, current RSS MiB) of a process, from /proc.
+fn usage(pid: u32) -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks / 100.0, kib("VmHWM:") / 1024.0, kib("VmRSS:") / 1024.0)
+}
+
+async fn connect(uri: &str) -> Connection {
+    Connection::connect(uri, ConnectionProperties::default()).await.unwrap()
+}
+
+/// Declares the topology the way the worker does, without running it.
+async fn declare(uri: &str) {
+    let topology = payment_worker::topology::Topology::load(None).unwrap();
+    let connection = connect(uri).await;
+    topology.declare(&connection.create_channel().await.unwrap()).await.unwrap();
+    connection.close(200, "declared".into()).await.unwrap();
+}
+
+/// Fills the work queue with `n` commands (trip ids `prefix-i`).
+async fn preload(uri: &str, n: usize, prefix: &str) {
+    let connection = connect(uri).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut confirms = Vec::with_capacity(512);
+    for i in 0..n {
+        let body = command(&format!("{prefix}-{i}"), "rider", 1500.0, "USD");
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        confirms.push(
+            channel
+                .basic_publish(
+                    "trip".into(),
+                    "payment.cmd.create_session".into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await
+                .unwrap(),
+        );
+        if confirms.len() == 512 {
+            for confirm in confirms.drain(..) {
+                confirm.await.unwrap();
+            }
+        }
+    }
+    for confirm in confirms {
+        confirm.await.unwrap();
+    }
+    connection.close(200, "loaded".into()).await.unwrap();
+}
+
+/// Waits until `queue` holds `n` messages; returns when that happened.
+async fn wait_depth(uri: &str, queue: &str, n: u32, timeout: Duration) -> Instant {
+    let connection = connect(uri).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if testkit::amqp::queue_depth(&connection, queue).await.unwrap_or(0) >= n {
+            let _ = connection.close(200, "done".into()).await;
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "{queue} never reached {n}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Commands per second through the real worker: the work queue preloaded with `n`, then a
+/// worker started; timed from its readiness to the last event.
+async fn worker_throughput(n: usize, prefetch: usize, latency: Duration) -> (f64, (f64, f64)) {
+    let vhost = Vhost::new("bench");
+    let stripe = StripeStandin::start().await;
+    stripe.set_latency(latency);
+    declare(&vhost.uri()).await;
+    preload(&vhost.uri(), n, "w").await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), prefetch).await;
+    let (cpu0, _, _) = usage(pod.child.id().unwrap());
+    let start = Instant::now();
+    let done = wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
+    let (cpu1, peak, _) = usage(pod.child.id().unwrap());
+    drop(pod);
+    (
+        n as f64 / done.duration_since(start).as_secs_f64(),
+        ((cpu1 - cpu0) * 10_000.0 / n as f64, peak),
+    )
+}
+
+/// The same through a bare lapin loop doing only what is unavoidable per message: consume,
+/// publish one event with a confirm, ack. Deliveries are handled concurrently up to the
+/// prefetch, as the worker does.
+async fn bare_throughput(n: usize, prefetch: usize) -> f64 {
+    let vhost = Vhost::new("bench-bare");
+    declare(&vhost.uri()).await;
+    preload(&vhost.uri(), n, "b").await;
+    let connection = connect(&vhost.uri()).await;
+    let publish = connection.create_channel().await.unwrap();
+    publish.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let consume = connection.create_channel().await.unwrap();
+    consume.basic_qos(u16::try_from(prefetch).unwrap(), BasicQosOptions::default()).await.unwrap();
+    let mut consumer = consume
+        .basic_consume(
+            "payment_trip_response".into(),
+            "bare".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let body = command("bare", "rider", 1500.0, "USD");
+    for _ in 0..n {
+        let Some(Ok(delivery)) = consumer.next().await else { break };
+        let (publish, body) = (publish.clone(), body.clone());
+        tokio::spawn(async move {
+            let properties = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            let confirm = publish
+                .basic_publish(
+                    "trip".into(),
+                    "payment.event.session_created".into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &body,
+                    properties,
+                )
+                .await
+                .unwrap();
+            confirm.await.unwrap();
+            delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+        });
+    }
+    wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = connection.close(200, "done".into()).await;
+    rate
+}
+
+/// A consumer built the way the Go service was: prefetch 1, one message at a time, sleeping
+/// 1 s, 2 s, 4 s in process before retrying a failed Stripe call.
+async fn go_style(uri: &str, stripe: &StripeStandin, n: usize) {
+    let api =
+        StripeApi::new(&stripe.base_url(), SECRET_KEY.to_owned().into(), Duration::from_secs(10))
+            .unwrap();
+    let urls = CheckoutUrls {
+        success: "http://localhost:3000?payment=success".into(),
+        cancel: "http://localhost:3000?payment=cancel".into(),
+    };
+    let connection = connect(uri).await;
+    let publish = connection.create_channel().await.unwrap();
+    publish.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let consume = connection.create_channel().await.unwrap();
+    consume.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+    let mut consumer = consume
+        .basic_consume(
+            "payment_trip_response".into(),
+            "go".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..n {
+        let Some(Ok(delivery)) = consumer.next().await else { break };
+        let cmd = CreateSession::decode(&delivery.data).unwrap();
+        let mut session = api.create_checkout_session(&cmd, &urls).await;
+        for delay in [1, 2, 4] {
+            if session.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(delay)).await;
+            session = api.create_checkout_session(&cmd, &urls).await;
+        }
+        let body = cmd.session_created(&session.unwrap().id);
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        publish
+            .basic_publish(
+                "trip".into(),
+                "payment.event.session_created".into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Seconds to finish `n` commands, a fifth of them failing their first Stripe call: the worker
+/// against the Go-style consumer.
+async fn retry_comparison(n: usize) -> (f64, f64) {
+    let mut out = Vec::new();
+    for go in [false, true] {
+        let vhost = Vhost::new("bench-retry");
+        let stripe = StripeStandin::start().await;
+        for i in (0..n).step_by(5) {
+            stripe.script(&format!("r-{i}"), [Behaviour::unavailable()]);
+        }
+        declare(&vhost.uri()).await;
+        preload(&vhost.uri(), n, "r").await;
+        let start = Instant::now();
+        if go {
+            go_style(&vhost.uri(), &stripe, n).await;
+        } else {
+            let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16).await;
+            wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
+            drop(pod);
+        }
+        out.push(start.elapsed().as_secs_f64());
+    }
+    (out[0], out[1])
+}
+
+/// Per tier: the time between a trip's failed request and its next one, with all three tiers
+/// busy at once (trips failing 1, 2 and 3 times, interleaved).
+async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
+    let vhost = Vhost::new("bench-delay");
+    let stripe = StripeStandin::start().await;
+    for i in 0..per_tier * 3 {
+        let failures = 1 + i % 3;
+        stripe.script(&format!("d-{i}"), std::iter::repeat_n(Behaviour::unavailable(), failures));
+    }
+    declare(&vhost.uri()).await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 64).await;
+    let connection = connect(&vhost.uri()).await;
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    // Spread over 6 s, so the 1 s tier keeps working while 4 s retries wait.
+    for i in 0..per_tier * 3 {
+        let body = command(&format!("d-{i}"), "rider", 1500.0, "USD");
+        channel
+            .basic_publish(
+                "trip".into(),
+                "payment.cmd.create_session".into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(6) / u32::try_from(per_tier * 3).unwrap()).await;
+    }
+    wait_depth(&vhost.uri(), EVENTS, (per_tier * 3) as u32, Duration::from_secs(120)).await;
+    drop(pod);
+    let mut tiers: HashMap<usize, Vec<f64>> = HashMap::new();
+    let mut by_trip: HashMap<String, Vec<Instant>> = HashMap::new();
+    for seen in stripe.seen() {
+        let trip = seen.params.get("metadata[trip_id]").cloned().unwrap_or_default();
+        by_trip.entry(trip).or_default().push(seen.at);
+    }
+    for times in by_trip.values_mut() {
+        times.sort();
+        for (tier, pair) in times.windows(2).enumerate() {
+            tiers.entry(tier).or_default().push(pair[1].duration_since(pair[0]).as_secs_f64());
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    ["1s", "2s", "4s"]
+        .iter()
+        .enumerate()
+        .map(|(i, label)| (label.to_string(), tiers.remove(&i).unwrap_or_default()))
+        .collect()
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; nothing else is read from the command line.
+    let runs = env_usize("BENCH_RUNS", 3);
+    let n = env_usize("BENCH_N", 20_000);
+    println!("# payment-worker benchmarks\n");
+    println!(
+        "{} runs per figure (median, min–max); {} commands per throughput run; machine: {} cores, {}.\n",
+        runs,
+        n,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        cpu_model()
+    );
+
+    // 1. Happy path against the broker ceiling.
+    println!(
+        "## 1. Happy-path throughput against the bare lapin loop (Stripe stand-in answering at once)\n"
+    );
+    println!(
+        "| prefetch | payment-worker (cmd/s) | bare loop (cmd/s) | ratio |\n|---|---|---|---|"
+    );
+    let mut resources = Vec::new();
+    for prefetch in [16, 64, 256] {
+        let (mut worker, mut bare) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (rate, usage) = worker_throughput(n, prefetch, Duration::ZERO).await;
+            worker.push(rate);
+            resources.push(usage);
+            bare.push(bare_throughput(n, prefetch).await);
+        }
+        let (w, b) = (Stat::of(worker), Stat::of(bare));
+        println!(
+            "| {prefetch} | {} | {} | {:.0}% |",
+            w.show(""),
+            b.show(""),
+            100.0 * w.median / b.median
+        );
+    }
+
+    // 2. Under Stripe latency.
+    println!("\n## 2. Throughput under Stripe latency (cmd/s)\n");
+    println!(
+        "| Stripe latency | prefetch 16 | prefetch 64 | prefetch 256 | prefetch 1024 |\n|---|---|---|---|---|"
+    );
+    for latency_ms in [50u64, 300] {
+        let mut cells = Vec::new();
+        for prefetch in [16usize, 64, 256, 1024] {
+            let expected = prefetch as f64 * 1000.0 / latency_ms as f64;
+            let count = ((expected * 8.0) as usize).clamp(500, n);
+            let mut rates = Vec::new();
+            for _ in 0..runs {
+                rates.push(
+                    worker_throughput(count, prefetch, Duration::from_millis(latency_ms)).await.0,
+                );
+            }
+            cells.push(Stat::of(rates).show(""));
+        }
+        println!("| {latency_ms} ms | {} |", cells.join(" | "));
+    }
+
+    // 3. What broker-level retry buys.
+    let retry_n = env_usize("BENCH_RETRY_N", 100);
+    println!("\n## 3. {retry_n} commands, 20% failing their first Stripe call\n");
+    let (mut ours, mut go) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (a, b) = retry_comparison(retry_n).await;
+        ours.push(a);
+        go.push(b);
+    }
+    let (ours, go) = (Stat::of(ours), Stat::of(go));
+    println!(
+        "| consumer | time to finish (s) |\n|---|---|\n| payment-worker (broker-level retry, prefetch 16) | {} |\n| Go-style (prefetch 1, in-process sleep 1/2/4 s) | {} |\n\nGo-style takes {:.0}× as long.",
+        ours.show(""),
+        go.show(""),
+        go.median / ours.median
+    );
+
+    // 4. Retry delay accuracy.
+    println!("\n## 4. Retry delay accuracy, all tiers busy at once\n");
+    println!("| tier | retries | p50 (s) | p99 (s) | max (s) |\n|---|---|---|---|---|");
+    for (tier, delays) in delay_accuracy(60).await {
+        println!(
+            "| {tier} | {} | {:.3} | {:.3} | {:.3} |",
+            delays.len(),
+            percentile(&delays, 0.5),
+            percentile(&delays, 0.99),
+            percentile(&delays, 1.0)
+        );
+    }
+
+    // 5. Resources.
+    println!("\n## 5. Resources of the worker process\n");
+    let cpu = Stat::of(resources.iter().map(|r| r.0).collect());
+    let peak = Stat::of(resources.iter().map(|r| r.1).collect());
+    let (mut idle, mut startup) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let vhost = Vhost::new("bench-res");
+        let (pod, ready_after) = start_pod(&vhost.uri(), None, 16).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        idle.push(usage(pod.child.id().unwrap()).2);
+        startup.push(ready_after.as_secs_f64() * 1000.0);
+        drop(pod);
+    }
+    println!("| measure | value |\n|---|---|");
+    println!("| CPU seconds per 10,000 commands (happy path) | {} |", cpu.show(" s"));
+    println!("| peak resident memory under load | {} |", peak.show(" MiB"));
+    println!("| idle resident memory | {} |", Stat::of(idle).show(" MiB"));
+    println!("| process start to ready | {} |", Stat::of(startup).show(" ms"));
+
+    // 6. Recovery.
+    println!("\n## 6. Recovery\n");
+    let (mut replace, mut broker) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let vhost = Vhost::new("bench-res");
+        let (mut pod, _) = start_pod(&vhost.uri(), None, 16).await;
+        let killed = Instant::now();
+        pod.child.start_kill().unwrap();
+        let _ = pod.child.wait().await;
+        let (_replacement, _) = start_pod(&vhost.uri(), None, 16).await;
+        replace.push(killed.elapsed().as_secs_f64() * 1000.0);
+    }
+    let node = RabbitNode::start("bench");
+    for _ in 0..runs {
+        let (pod, _) = start_pod(&node.uri(), None, 16).await;
+        tokio::task::block_in_place(|| node.kill_and_restart());
+        let back = Instant::now();
+        wait_ready(pod.http).await;
+        broker.push(back.elapsed().as_secs_f64() * 1000.0);
+        drop(pod);
+    }
+    println!("| measure | value |\n|---|---|");
+    println!(
+        "| SIGKILL of a pod to its replacement consuming | {} |",
+        Stat::of(replace).show(" ms")
+    );
+    println!(
+        "| broker back up (after SIGKILL and cold start) to consuming again | {} |",
+        Stat::of(broker).show(" ms")
+    );
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
