@@ -43,7 +43,7 @@ pub fn pool(uri: &SecretString, connection_name: &str, max_size: usize) -> Resul
 pub fn redacted_uri(uri: &SecretString) -> String {
     match uri.expose_secret().parse::<lapin::uri::AMQPUri>() {
         Ok(parsed) => format!(
-            "{}://{}@{}:{}/{}",
+            "{}://{}@{}:{} (vhost {})",
             match parsed.scheme {
                 lapin::uri::AMQPScheme::AMQP => "amqp",
                 lapin::uri::AMQPScheme::AMQPS => "amqps",

@@ -148,6 +148,14 @@ impl CreateSession {
         Ok(Self { owner_id, trip_id, user_id, driver_id, amount, currency, package_slug })
     }
 
+    /// The trip id of a body that may not decode as a whole, for logs and for finding parked
+    /// messages: `None` when there is no readable `tripID` at all.
+    pub fn trip_id_hint(body: &[u8]) -> Option<String> {
+        let envelope = Envelope::decode(body).ok()?;
+        let payload = json_object(&envelope.data).ok()?;
+        go_string(&payload, "tripID").ok().filter(|id| !id.is_empty())
+    }
+
     /// The `payment.event.session_created` body for this command and a Stripe session id.
     pub fn session_created(&self, session_id: &str) -> Vec<u8> {
         #[derive(Serialize)]
@@ -311,6 +319,11 @@ mod tests {
             let err = CreateSession::decode(&envelope("u", payload)).unwrap_err().to_string();
             assert!(err.contains(expect), "{payload}: {err} should mention {expect}");
         }
+        let bad_amount =
+            envelope("u", r#"{"tripID":"t-9","userID":"u","amount":0,"currency":"USD"}"#);
+        assert!(CreateSession::decode(&bad_amount).is_err());
+        assert_eq!(CreateSession::trip_id_hint(&bad_amount).as_deref(), Some("t-9"));
+        assert_eq!(CreateSession::trip_id_hint(b"{broken"), None);
         let long = "x".repeat(MAX_ID_LEN + 1);
         let payload = format!(r#"{{"tripID":"{long}","userID":"u","amount":1,"currency":"USD"}}"#);
         assert!(CreateSession::decode(&envelope("u", &payload)).is_err());

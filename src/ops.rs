@@ -252,7 +252,10 @@ impl ParkedEntry {
         let headers = properties.headers().clone().unwrap_or_default();
         let command = CreateSession::decode(body).ok();
         Self {
-            trip_id: command.as_ref().map(|c| c.trip_id.clone()),
+            trip_id: command
+                .as_ref()
+                .map(|c| c.trip_id.clone())
+                .or_else(|| CreateSession::trip_id_hint(body)),
             rider: command
                 .as_ref()
                 .map(|c| c.owner_id.clone())

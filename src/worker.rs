@@ -346,7 +346,10 @@ impl Handler {
                 .unwrap_or_else(|| delivery.routing_key.to_string()),
         };
         let command = CreateSession::decode(&delivery.data);
-        let trip_id = command.as_ref().map(|c| c.trip_id.clone()).unwrap_or_default();
+        let trip_id = match &command {
+            Ok(command) => command.trip_id.clone(),
+            Err(_) => CreateSession::trip_id_hint(&delivery.data).unwrap_or_default(),
+        };
         let span = info_span!("command", trip_id = %trip_id, attempt, delivery_tag = delivery.delivery_tag);
 
         async {
