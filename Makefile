@@ -41,7 +41,7 @@ rules: tools
 
 ## Benchmarks (not part of `make test`); the Markdown report also lands in target/bench-results.md.
 bench: broker
-	cargo bench --locked --bench worker | tee target/bench-results.md
+	set -o pipefail; cargo bench --locked --bench worker | tee target/bench-results.md
 
 ## The Helm chart, offline: lint, render, schema-validate, and the chart checks.
 chart:

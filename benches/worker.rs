@@ -3,7 +3,7 @@
 //! than the absolute numbers on a shared machine. Results print as Markdown (BENCHMARKS.md).
 //!
 //! BENCH_RUNS (default 3) sets the number of runs per figure; BENCH_N the command count of the
-//! throughput runs (default 20000).
+//! throughput runs (default 20000); BENCH_SECTIONS which sections run (default `1,2,3,4,5,6`).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -112,7 +112,7 @@ async fn declare(uri: &str) {
     let topology = payment_worker::topology::Topology::load(None).unwrap();
     let connection = connect(uri).await;
     topology.declare(&connection.create_channel().await.unwrap()).await.unwrap();
-    connection.close(200, "declared".into()).await.unwrap();
+    let _ = connection.close(200, "declared".into()).await;
 }
 
 /// Fills the work queue with `n` commands (trip ids `prefix-i`).
@@ -147,7 +147,7 @@ async fn preload(uri: &str, n: usize, prefix: &str) {
     for confirm in confirms {
         confirm.await.unwrap();
     }
-    connection.close(200, "loaded".into()).await.unwrap();
+    let _ = connection.close(200, "loaded".into()).await;
 }
 
 /// Waits until `queue` holds `n` messages; returns when that happened.
@@ -378,6 +378,8 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else is read from the command line.
     let runs = env_usize("BENCH_RUNS", 3);
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3,4,5,6".into());
+    let section = |n: &str| sections.split(',').any(|s| s.trim() == n);
     let n = env_usize("BENCH_N", 20_000);
     println!("# payment-worker benchmarks\n");
     println!(
@@ -389,130 +391,144 @@ async fn main() {
     );
 
     // 1. Happy path against the broker ceiling.
-    println!(
-        "## 1. Happy-path throughput against the bare lapin loop (Stripe stand-in answering at once)\n"
-    );
-    println!(
-        "| prefetch | payment-worker (cmd/s) | bare loop (cmd/s) | ratio |\n|---|---|---|---|"
-    );
     let mut resources = Vec::new();
-    for prefetch in [16, 64, 256] {
-        let (mut worker, mut bare) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let (rate, usage) = worker_throughput(n, prefetch, Duration::ZERO).await;
-            worker.push(rate);
-            resources.push(usage);
-            bare.push(bare_throughput(n, prefetch).await);
-        }
-        let (w, b) = (Stat::of(worker), Stat::of(bare));
+    if section("1") {
         println!(
-            "| {prefetch} | {} | {} | {:.0}% |",
-            w.show(""),
-            b.show(""),
-            100.0 * w.median / b.median
+            "## 1. Happy-path throughput against the bare lapin loop (Stripe stand-in answering at once)\n"
         );
+        println!(
+            "| prefetch | payment-worker (cmd/s) | bare loop (cmd/s) | ratio |\n|---|---|---|---|"
+        );
+        for prefetch in [16, 64, 256] {
+            let (mut worker, mut bare) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                let (rate, usage) = worker_throughput(n, prefetch, Duration::ZERO).await;
+                worker.push(rate);
+                resources.push(usage);
+                bare.push(bare_throughput(n, prefetch).await);
+            }
+            let (w, b) = (Stat::of(worker), Stat::of(bare));
+            println!(
+                "| {prefetch} | {} | {} | {:.0}% |",
+                w.show(""),
+                b.show(""),
+                100.0 * w.median / b.median
+            );
+        }
     }
 
     // 2. Under Stripe latency.
-    println!("\n## 2. Throughput under Stripe latency (cmd/s)\n");
-    println!(
-        "| Stripe latency | prefetch 16 | prefetch 64 | prefetch 256 | prefetch 1024 |\n|---|---|---|---|---|"
-    );
-    for latency_ms in [50u64, 300] {
-        let mut cells = Vec::new();
-        for prefetch in [16usize, 64, 256, 1024] {
-            let expected = prefetch as f64 * 1000.0 / latency_ms as f64;
-            let count = ((expected * 8.0) as usize).clamp(500, n);
-            let mut rates = Vec::new();
-            for _ in 0..runs {
-                rates.push(
-                    worker_throughput(count, prefetch, Duration::from_millis(latency_ms)).await.0,
-                );
+    if section("2") {
+        println!("\n## 2. Throughput under Stripe latency (cmd/s)\n");
+        println!(
+            "| Stripe latency | prefetch 16 | prefetch 64 | prefetch 256 | prefetch 1024 |\n|---|---|---|---|---|"
+        );
+        for latency_ms in [50u64, 300] {
+            let mut cells = Vec::new();
+            for prefetch in [16usize, 64, 256, 1024] {
+                let expected = prefetch as f64 * 1000.0 / latency_ms as f64;
+                let count = ((expected * 8.0) as usize).clamp(500, n);
+                let mut rates = Vec::new();
+                for _ in 0..runs {
+                    rates.push(
+                        worker_throughput(count, prefetch, Duration::from_millis(latency_ms))
+                            .await
+                            .0,
+                    );
+                }
+                cells.push(Stat::of(rates).show(""));
             }
-            cells.push(Stat::of(rates).show(""));
+            println!("| {latency_ms} ms | {} |", cells.join(" | "));
         }
-        println!("| {latency_ms} ms | {} |", cells.join(" | "));
     }
 
     // 3. What broker-level retry buys.
-    let retry_n = env_usize("BENCH_RETRY_N", 100);
-    println!("\n## 3. {retry_n} commands, 20% failing their first Stripe call\n");
-    let (mut ours, mut go) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let (a, b) = retry_comparison(retry_n).await;
-        ours.push(a);
-        go.push(b);
-    }
-    let (ours, go) = (Stat::of(ours), Stat::of(go));
-    println!(
-        "| consumer | time to finish (s) |\n|---|---|\n| payment-worker (broker-level retry, prefetch 16) | {} |\n| Go-style (prefetch 1, in-process sleep 1/2/4 s) | {} |\n\nGo-style takes {:.0}× as long.",
-        ours.show(""),
-        go.show(""),
-        go.median / ours.median
-    );
-
-    // 4. Retry delay accuracy.
-    println!("\n## 4. Retry delay accuracy, all tiers busy at once\n");
-    println!("| tier | retries | p50 (s) | p99 (s) | max (s) |\n|---|---|---|---|---|");
-    for (tier, delays) in delay_accuracy(60).await {
+    if section("3") {
+        let retry_n = env_usize("BENCH_RETRY_N", 100);
+        println!("\n## 3. {retry_n} commands, 20% failing their first Stripe call\n");
+        let (mut ours, mut go) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (a, b) = retry_comparison(retry_n).await;
+            ours.push(a);
+            go.push(b);
+        }
+        let (ours, go) = (Stat::of(ours), Stat::of(go));
         println!(
-            "| {tier} | {} | {:.3} | {:.3} | {:.3} |",
-            delays.len(),
-            percentile(&delays, 0.5),
-            percentile(&delays, 0.99),
-            percentile(&delays, 1.0)
+            "| consumer | time to finish (s) |\n|---|---|\n| payment-worker (broker-level retry, prefetch 16) | {} |\n| Go-style (prefetch 1, in-process sleep 1/2/4 s) | {} |\n\nGo-style takes {:.0}× as long.",
+            ours.show(""),
+            go.show(""),
+            go.median / ours.median
         );
     }
 
-    // 5. Resources.
-    println!("\n## 5. Resources of the worker process\n");
-    let cpu = Stat::of(resources.iter().map(|r| r.0).collect());
-    let peak = Stat::of(resources.iter().map(|r| r.1).collect());
-    let (mut idle, mut startup) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let vhost = Vhost::new("bench-res");
-        let (pod, ready_after) = start_pod(&vhost.uri(), None, 16).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        idle.push(usage(pod.child.id().unwrap()).2);
-        startup.push(ready_after.as_secs_f64() * 1000.0);
-        drop(pod);
+    // 4. Retry delay accuracy.
+    if section("4") {
+        println!("\n## 4. Retry delay accuracy, all tiers busy at once\n");
+        println!("| tier | retries | p50 (s) | p99 (s) | max (s) |\n|---|---|---|---|---|");
+        for (tier, delays) in delay_accuracy(60).await {
+            println!(
+                "| {tier} | {} | {:.3} | {:.3} | {:.3} |",
+                delays.len(),
+                percentile(&delays, 0.5),
+                percentile(&delays, 0.99),
+                percentile(&delays, 1.0)
+            );
+        }
     }
-    println!("| measure | value |\n|---|---|");
-    println!("| CPU seconds per 10,000 commands (happy path) | {} |", cpu.show(" s"));
-    println!("| peak resident memory under load | {} |", peak.show(" MiB"));
-    println!("| idle resident memory | {} |", Stat::of(idle).show(" MiB"));
-    println!("| process start to ready | {} |", Stat::of(startup).show(" ms"));
+
+    // 5. Resources (CPU and peak memory come from section 1's runs).
+    if section("5") && !resources.is_empty() {
+        println!("\n## 5. Resources of the worker process\n");
+        let cpu = Stat::of(resources.iter().map(|r| r.0).collect());
+        let peak = Stat::of(resources.iter().map(|r| r.1).collect());
+        let (mut idle, mut startup) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let vhost = Vhost::new("bench-res");
+            let (pod, ready_after) = start_pod(&vhost.uri(), None, 16).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            idle.push(usage(pod.child.id().unwrap()).2);
+            startup.push(ready_after.as_secs_f64() * 1000.0);
+            drop(pod);
+        }
+        println!("| measure | value |\n|---|---|");
+        println!("| CPU seconds per 10,000 commands (happy path) | {} |", cpu.show(" s"));
+        println!("| peak resident memory under load | {} |", peak.show(" MiB"));
+        println!("| idle resident memory | {} |", Stat::of(idle).show(" MiB"));
+        println!("| process start to ready | {} |", Stat::of(startup).show(" ms"));
+    }
 
     // 6. Recovery.
-    println!("\n## 6. Recovery\n");
-    let (mut replace, mut broker) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        let vhost = Vhost::new("bench-res");
-        let (mut pod, _) = start_pod(&vhost.uri(), None, 16).await;
-        let killed = Instant::now();
-        pod.child.start_kill().unwrap();
-        let _ = pod.child.wait().await;
-        let (_replacement, _) = start_pod(&vhost.uri(), None, 16).await;
-        replace.push(killed.elapsed().as_secs_f64() * 1000.0);
+    if section("6") {
+        println!("\n## 6. Recovery\n");
+        let (mut replace, mut broker) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let vhost = Vhost::new("bench-res");
+            let (mut pod, _) = start_pod(&vhost.uri(), None, 16).await;
+            let killed = Instant::now();
+            pod.child.start_kill().unwrap();
+            let _ = pod.child.wait().await;
+            let (_replacement, _) = start_pod(&vhost.uri(), None, 16).await;
+            replace.push(killed.elapsed().as_secs_f64() * 1000.0);
+        }
+        let node = RabbitNode::start("bench");
+        for _ in 0..runs {
+            let (pod, _) = start_pod(&node.uri(), None, 16).await;
+            tokio::task::block_in_place(|| node.kill_and_restart());
+            let back = Instant::now();
+            wait_ready(pod.http).await;
+            broker.push(back.elapsed().as_secs_f64() * 1000.0);
+            drop(pod);
+        }
+        println!("| measure | value |\n|---|---|");
+        println!(
+            "| SIGKILL of a pod to its replacement consuming | {} |",
+            Stat::of(replace).show(" ms")
+        );
+        println!(
+            "| broker back up (after SIGKILL and cold start) to consuming again | {} |",
+            Stat::of(broker).show(" ms")
+        );
     }
-    let node = RabbitNode::start("bench");
-    for _ in 0..runs {
-        let (pod, _) = start_pod(&node.uri(), None, 16).await;
-        tokio::task::block_in_place(|| node.kill_and_restart());
-        let back = Instant::now();
-        wait_ready(pod.http).await;
-        broker.push(back.elapsed().as_secs_f64() * 1000.0);
-        drop(pod);
-    }
-    println!("| measure | value |\n|---|---|");
-    println!(
-        "| SIGKILL of a pod to its replacement consuming | {} |",
-        Stat::of(replace).show(" ms")
-    );
-    println!(
-        "| broker back up (after SIGKILL and cold start) to consuming again | {} |",
-        Stat::of(broker).show(" ms")
-    );
 }
 
 fn cpu_model() -> String {

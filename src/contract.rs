@@ -58,8 +58,14 @@ impl Envelope {
             }
             Some(Value::String(text)) => {
                 // Go's decoder skips \r and \n inside base64 text.
-                let text: String = text.chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
-                STANDARD.decode(text).map_err(|e| InvalidMessage::Base64(e.to_string()))?
+                let decoded = if text.contains(['\r', '\n']) {
+                    let clean: String =
+                        text.chars().filter(|c| !matches!(c, '\r' | '\n')).collect();
+                    STANDARD.decode(clean)
+                } else {
+                    STANDARD.decode(text)
+                };
+                decoded.map_err(|e| InvalidMessage::Base64(e.to_string()))?
             }
             Some(other) => {
                 return Err(InvalidMessage::Envelope {
@@ -207,7 +213,10 @@ fn is_zero(value: &i64) -> bool {
 /// The replaced characters can only occur inside strings, so replacing them is safe.
 pub fn go_json(value: &impl Serialize) -> Vec<u8> {
     let text = serde_json::to_string(value).expect("serializing plain structs cannot fail");
-    let mut out = String::with_capacity(text.len());
+    if !text.contains(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+        return text.into_bytes();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
         match c {
             '<' => out.push_str("\\u003c"),
@@ -341,6 +350,14 @@ mod tests {
             r#"{"tripID":"t1","sessionID":"cs_test_1","amount":45.24,"currency":"USD"}"#
         );
         assert!(String::from_utf8(body).unwrap().starts_with(r#"{"ownerId":"user-42","data":""#));
+    }
+
+    #[test]
+    fn base64_may_carry_line_breaks_as_go_allows() {
+        let data = STANDARD.encode(PAYLOAD);
+        let (head, tail) = data.split_at(20);
+        let body = format!(r#"{{"ownerId":"u1","data":"{head}\r\n{tail}"}}"#);
+        assert_eq!(CreateSession::decode(body.as_bytes()).unwrap().trip_id, "t1");
     }
 
     #[test]

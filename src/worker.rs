@@ -217,7 +217,8 @@ impl Worker {
             session_failed: session_failed.clone(),
         });
         let mut tasks = JoinSet::new();
-        // Delivery tags by task, so a handler that panicked still hands its message back.
+        // The acker of each task's delivery, so a handler that panicked still hands its
+        // message back.
         let mut in_flight = HashMap::new();
 
         let cause = loop {
@@ -234,7 +235,7 @@ impl Worker {
                         && panicked
                     {
                         error!("a delivery handler panicked; handing its message back to the broker");
-                        requeue(&acker).await;
+                        tokio::spawn(async move { requeue(&acker).await });
                     }
                 }
                 next = consumer.next() => match next {
