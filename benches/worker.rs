@@ -326,24 +326,10 @@ async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
     }
     declare(&vhost.uri()).await;
     let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 64).await;
-    let connection = connect(&vhost.uri()).await;
-    let channel = connection.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let client = testkit::amqp::Client::connect(&vhost.uri()).await;
     // Spread over 6 s, so the 1 s tier keeps working while 4 s retries wait.
     for i in 0..per_tier * 3 {
-        let body = command(&format!("d-{i}"), "rider", 1500.0, "USD");
-        channel
-            .basic_publish(
-                "trip".into(),
-                "payment.cmd.create_session".into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        client.send_command(&command(&format!("d-{i}"), "rider", 1500.0, "USD")).await;
         tokio::time::sleep(Duration::from_secs(6) / u32::try_from(per_tier * 3).unwrap()).await;
     }
     wait_depth(&vhost.uri(), EVENTS, (per_tier * 3) as u32, Duration::from_secs(120)).await;
@@ -360,7 +346,6 @@ async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
             tiers.entry(tier).or_default().push(pair[1].duration_since(pair[0]).as_secs_f64());
         }
     }
-    let _ = connection.close(200, "done".into()).await;
     ["1s", "2s", "4s"]
         .iter()
         .enumerate()
