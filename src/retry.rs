@@ -53,16 +53,6 @@ pub enum ParkReason {
 }
 
 impl ParkReason {
-    pub const ALL: [Self; 7] = [
-        Self::InvalidMessage,
-        Self::UnexpectedRoutingKey,
-        Self::StripeRejected,
-        Self::IdempotencyConflict,
-        Self::StripeBadResponse,
-        Self::RetriesExhausted,
-        Self::RetryUnroutable,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidMessage => "invalid_message",

@@ -83,12 +83,6 @@ async fn chaos_soak() {
     run(params).await;
 }
 
-/// A worker process.
-struct Pod {
-    child: Child,
-    http: std::net::SocketAddr,
-}
-
 struct Harness {
     node: RabbitNode,
     proxy: FaultProxy,
@@ -98,7 +92,8 @@ struct Harness {
 }
 
 impl Harness {
-    async fn spawn_pod(&mut self) -> Pod {
+    /// Starts a worker process and waits until it is ready.
+    async fn spawn_pod(&mut self) -> Child {
         self.started += 1;
         let http = testkit::free_loopback_addr();
         let log =
@@ -137,7 +132,7 @@ impl Harness {
         })
         .await;
         assert!(ready.is_some(), "pod {} never became ready", self.started);
-        Pod { child, http }
+        child
     }
 }
 
@@ -324,21 +319,20 @@ async fn run(params: Params) {
                 .await;
                 let victim = rand::random_range(0..pods.len());
                 let mut pod = pods.swap_remove(victim);
-                pod.child.start_kill().unwrap();
-                let _ = pod.child.wait().await;
+                pod.start_kill().unwrap();
+                let _ = pod.wait().await;
                 kills += 1;
                 pods.push(harness.spawn_pod().await);
             }
             "sigterm" => {
                 let mut pod = pods.remove(0);
-                let pid = pod.child.id().unwrap().to_string();
+                let pid = pod.id().unwrap().to_string();
                 std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-                let status = tokio::time::timeout(Duration::from_secs(20), pod.child.wait()).await;
+                let status = tokio::time::timeout(Duration::from_secs(20), pod.wait()).await;
                 assert!(
                     matches!(status, Ok(Ok(s)) if s.success()),
                     "SIGTERM under load exits 0: {status:?}"
                 );
-                let _ = pod.http;
                 sigterms += 1;
                 pods.push(harness.spawn_pod().await);
             }
@@ -385,8 +379,8 @@ async fn run(params: Params) {
     // A settled moment: late duplicates arrive, then the pods stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
     for mut pod in pods {
-        let _ = pod.child.start_kill();
-        let _ = pod.child.wait().await;
+        let _ = pod.start_kill();
+        let _ = pod.wait().await;
     }
     observer.abort();
 
