@@ -157,20 +157,18 @@ pub async fn check(connection: &Connection, topology: &Topology) -> Result<Vec<C
             ExchangeType::Direct => ExchangeKind::Direct,
         };
         let channel = channel(connection).await?;
-        if channel
+        let probe = channel
             .exchange_declare(
                 exchange.name.as_str().into(),
                 kind.clone(),
                 passive,
                 FieldTable::default(),
             )
-            .await
-            .is_err()
-        {
-            lines.push(CheckLine { object, status: "missing", detail: String::new() });
+            .await;
+        if let Some(missing) = absent(probe, &object)? {
+            lines.push(missing);
             continue;
         }
-        let channel = self::channel(connection).await?;
         let active = ExchangeDeclareOptions { durable: true, ..Default::default() };
         let result = channel
             .exchange_declare(exchange.name.as_str().into(), kind, active, FieldTable::default())
@@ -182,15 +180,12 @@ pub async fn check(connection: &Connection, topology: &Topology) -> Result<Vec<C
         let object = format!("queue {}", queue.name);
         let channel = self::channel(connection).await?;
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        if channel
-            .queue_declare(queue.name.as_str().into(), passive, FieldTable::default())
-            .await
-            .is_err()
-        {
-            lines.push(CheckLine { object, status: "missing", detail: String::new() });
+        let probe =
+            channel.queue_declare(queue.name.as_str().into(), passive, FieldTable::default()).await;
+        if let Some(missing) = absent(probe.map(|_| ()), &object)? {
+            lines.push(missing);
             continue;
         }
-        let channel = self::channel(connection).await?;
         let active = QueueDeclareOptions { durable: true, ..Default::default() };
         let result =
             channel.queue_declare(queue.name.as_str().into(), active, queue.field_table()).await;
@@ -205,6 +200,24 @@ pub async fn check(connection: &Connection, topology: &Topology) -> Result<Vec<C
         });
     }
     Ok(lines)
+}
+
+/// The line for an object a passive probe did not find; `None` when it exists.
+///
+/// # Errors
+/// Any failure other than 404, such as a refused permission.
+fn absent(probe: std::result::Result<(), lapin::Error>, object: &str) -> Result<Option<CheckLine>> {
+    match probe {
+        Ok(()) => Ok(None),
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404) => {
+            Ok(Some(CheckLine {
+                object: object.to_owned(),
+                status: "missing",
+                detail: String::new(),
+            }))
+        }
+        Err(e) => Err(describe(&e, object)),
+    }
 }
 
 fn verdict(object: String, error: Option<lapin::Error>, wanted: String) -> CheckLine {
