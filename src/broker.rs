@@ -95,6 +95,15 @@ impl PublishError {
     pub fn is_channel_failure(&self) -> bool {
         matches!(self, Self::Channel(_))
     }
+
+    /// A bounded label for `payment_worker_publish_failures_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Nacked => "nacked",
+            Self::Returned { .. } => "returned",
+            Self::Channel(_) => "channel",
+        }
+    }
 }
 
 /// A channel in confirm mode. Every publish is `mandatory` and waits for the broker's confirm;

@@ -29,7 +29,7 @@ use sha2::Sha256;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{error, info, warn};
 
-use crate::broker::{PublishError, Publisher};
+use crate::broker::Publisher;
 use crate::contract::{Envelope, PaymentSucceeded};
 use crate::metrics::Metrics;
 use crate::topology::Topology;
@@ -187,15 +187,10 @@ impl Webhook {
             )
             .await;
         if let Err(e) = &result {
-            let kind = match e {
-                PublishError::Nacked => "nacked",
-                PublishError::Returned { .. } => "returned",
-                PublishError::Channel(_) => {
-                    *slot = None;
-                    "channel"
-                }
-            };
-            self.metrics.publish_failures.with_label_values(&[kind]).inc();
+            self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
+            if e.is_channel_failure() {
+                *slot = None;
+            }
         }
         result.map_err(|e| e.to_string())
     }

@@ -384,15 +384,13 @@ impl Handler {
                     None => self.park(&delivery, &failed(error.as_str()), ParkReason::RetriesExhausted).await,
                     Some(delay) => {
                         let properties = failed(error.as_str()).retry_properties(&delivery.properties, delay.label(), delay.millis());
-                        match self.publisher.publish(&self.topology.retry.exchange, delay.label(), &delivery.data, properties).await {
+                        match self.publish(&self.topology.retry.exchange, delay.label(), &delivery.data, properties).await {
                             Ok(()) => {
                                 info!(outcome = "retried", tier = delay.label(), error = %error, "attempt failed, retry scheduled in the broker");
                                 Outcome::Retried
                             }
                             Err(e) => {
-                                self.count_publish_failure(&e);
                                 if e.is_channel_failure() {
-                                    self.session_failed.cancel();
                                     Outcome::Abandoned
                                 } else {
                                     let detail = format!("{error}; the retry copy was refused: {e}");
@@ -444,7 +442,6 @@ impl Handler {
             incoming,
         );
         match self
-            .publisher
             .publish(
                 &self.topology.exchanges.trip,
                 &self.topology.routing_keys.session_created,
@@ -458,9 +455,7 @@ impl Handler {
                 Ok(())
             }
             Err(e) => {
-                self.count_publish_failure(&e);
                 if e.is_channel_failure() {
-                    self.session_failed.cancel();
                     Err(Failure::Channel(e.to_string()))
                 } else {
                     Err(Failure::Transient(format!(
@@ -480,19 +475,13 @@ impl Handler {
         reason: ParkReason,
     ) -> Outcome {
         let properties = failed.parked_properties(&delivery.properties, reason);
-        match self
-            .publisher
-            .publish("", &self.topology.parking.queue, &delivery.data, properties)
-            .await
-        {
+        match self.publish("", &self.topology.parking.queue, &delivery.data, properties).await {
             Ok(()) => {
                 warn!(outcome = "parked", reason = reason.as_str(), error = %failed.error, "message parked");
                 Outcome::Parked(reason)
             }
             Err(e) => {
-                self.count_publish_failure(&e);
                 if e.is_channel_failure() {
-                    self.session_failed.cancel();
                     Outcome::Abandoned
                 } else {
                     error!(outcome = "requeued", reason = reason.as_str(), error = %e, "the parking queue refused the message; handing it back");
@@ -519,13 +508,23 @@ impl Handler {
         }
     }
 
-    fn count_publish_failure(&self, error: &PublishError) {
-        let kind = match error {
-            PublishError::Nacked => "nacked",
-            PublishError::Returned { .. } => "returned",
-            PublishError::Channel(_) => "channel",
-        };
-        self.metrics.publish_failures.with_label_values(&[kind]).inc();
+    /// Publishes on the session's confirm channel. A failure is counted; a broken channel also
+    /// ends the session, since nothing more can be published or acked on it.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let result = self.publisher.publish(exchange, routing_key, body, properties).await;
+        if let Err(e) = &result {
+            self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
+            if e.is_channel_failure() {
+                self.session_failed.cancel();
+            }
+        }
+        result
     }
 }
 
