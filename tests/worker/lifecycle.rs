@@ -32,9 +32,12 @@ async fn a_graceful_stop_finishes_in_flight_work_and_redelivers_nothing() {
 }
 
 /// Starts the real binary as a "pod" and waits until it is ready.
-async fn spawn_binary(world: &World) -> Child {
+async fn spawn_binary(world: &World, extra: &[&str]) -> Child {
     let http = testkit::free_loopback_addr();
-    let args = world.args(&["--http-addr", &http.to_string()]);
+    let http_arg = http.to_string();
+    let mut flags = vec!["--http-addr", http_arg.as_str()];
+    flags.extend_from_slice(extra);
+    let args = world.args(&flags);
     let child = Command::new(env!("CARGO_BIN_EXE_payment-worker"))
         .args(&args[1..])
         .env("LOG_FORMAT", "text")
@@ -50,13 +53,30 @@ async fn spawn_binary(world: &World) -> Child {
 #[tokio::test]
 async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     let world = World::new("killed").await;
+    // One 5 s delay, so there is time to see the original acked before the kill.
+    let profile = std::env::temp_dir().join(format!("{}.toml", world.vhost.name()));
+    let text =
+        payment_worker::topology::DEFAULT_PROFILE.replace(r#"["1s", "2s", "4s"]"#, r#"["5s"]"#);
+    std::fs::write(&profile, text).unwrap();
+    let profile_arg = profile.to_str().unwrap().to_owned();
     world.stripe.script("k-1", [Behaviour::unavailable()]);
-    let mut first = spawn_binary(&world).await;
+    let mut first = spawn_binary(&world, &["--topology", &profile_arg]).await;
     world.client.send_command(&command("k-1", "u", 100.0, "USD")).await;
 
-    // As soon as the retry copy sits in the wait queue, kill the worker outright.
+    // Once the retry copy sits in the wait queue and the original is acked, kill the worker
+    // outright: from here the trip exists only in the broker's wait queue.
     let waiting = testkit::eventually(Duration::from_secs(20), || async {
-        (world.client.try_depth("payment_wait_1s").await == Some(1)).then_some(())
+        let in_wait = world.client.try_depth("payment_wait_5s").await == Some(1);
+        let unacked = testkit::vhost::rabbitmqctl(&[
+            "list_queues",
+            "-p",
+            world.vhost.name(),
+            "name",
+            "messages_unacknowledged",
+        ]);
+        let acked =
+            unacked.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == [WORK, "0"]);
+        (in_wait && acked).then_some(())
     })
     .await;
     assert!(waiting.is_some(), "the retry copy never reached the wait queue");
@@ -65,7 +85,7 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     assert!(world.client.take(EVENTS, 1, Duration::from_millis(100)).await.is_empty());
 
     // The retry survives in the broker; a new worker completes the trip once.
-    let mut second = spawn_binary(&world).await;
+    let mut second = spawn_binary(&world, &["--topology", &profile_arg]).await;
     let events = world.client.take(EVENTS, 1, Duration::from_secs(20)).await;
     assert_eq!(events.len(), 1);
     assert_eq!(world.stripe.created_for("k-1").len(), 1, "one Stripe session");
@@ -76,4 +96,5 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     );
     second.start_kill().unwrap();
     second.wait().await.unwrap();
+    let _ = std::fs::remove_file(&profile);
 }
