@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker;
 use crate::config::{GlobalArgs, RunArgs};
+use crate::flow::FlowControl;
 use crate::health::Readiness;
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
@@ -54,18 +55,22 @@ impl App {
     pub async fn build(global: &GlobalArgs, args: &RunArgs) -> Result<Self, StartError> {
         let uri = global.broker_uri().map_err(StartError::Config)?;
         let topology = Arc::new(Topology::load(global.topology.as_deref())?);
+        let metrics = Arc::new(Metrics::new());
+        let breaker = args.breaker_settings().map_err(StartError::Config)?;
+        let pacer = args.pacer_settings().map_err(StartError::Config)?;
         let gateway = match args.stripe_secret_key().map_err(StartError::Config)? {
-            Some(secret) => Gateway::Stripe(Box::new(
+            Some(secret) => Gateway::stripe(
                 StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout)
                     .map_err(|e| StartError::Config(format!("invalid STRIPE_API_BASE: {e}")))?,
-            )),
-            None => Gateway::Mock,
+                FlowControl::new(breaker, pacer, metrics.clone()),
+                metrics.clone(),
+            ),
+            None => Gateway::mock(metrics.clone()),
         };
         let webhook_secrets = args.webhook_secrets().map_err(StartError::Config)?;
         let listener = TcpListener::bind(args.http_addr)
             .await
             .map_err(|source| StartError::Bind { addr: args.http_addr, source })?;
-        let metrics = Arc::new(Metrics::new());
         let readiness = Readiness::new(metrics.ready.clone());
         let pool = broker::pool(&uri, "payment-worker", 2).map_err(StartError::Config)?;
         if gateway.is_mock() {
@@ -74,7 +79,15 @@ impl App {
                  (cs_test_mock_session_<trip id>) and can never be paid"
             );
         } else {
-            info!(stripe_api_base = %args.stripe_api_base, timeout_ms = args.stripe_timeout.as_millis() as u64, "Stripe mode");
+            info!(
+                stripe_api_base = %args.stripe_api_base,
+                timeout_ms = args.stripe_timeout.as_millis() as u64,
+                initial_rps = pacer.initial,
+                max_rps = ?pacer.max,
+                breaker_consecutive = breaker.consecutive,
+                breaker_cooldown_ms = breaker.cooldown.as_millis() as u64,
+                "Stripe mode"
+            );
         }
         info!(broker = %broker::redacted_uri(&uri), profile = %topology.profile, http_addr = %args.http_addr, "starting");
         let settings = WorkerSettings {

@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use secrecy::SecretString;
 
+use crate::breaker::BreakerSettings;
+use crate::pacer::PacerSettings;
 use crate::stripe::{CheckoutUrls, STRIPE_API};
 use crate::worker::ReconnectPolicy;
 
@@ -236,6 +238,52 @@ pub struct RunArgs {
     #[arg(long, env = "WEBHOOK_DEDUP_CAPACITY", default_value_t = 10_000)]
     pub webhook_dedup_capacity: usize,
 
+    /// Per-replica ceiling of Stripe requests per second (this replica's share of the
+    /// account's limit). Unset: no ceiling; the rate adapts to Stripe's 429s.
+    #[arg(long, env = "STRIPE_MAX_RPS", value_parser = parse_rate)]
+    pub stripe_max_rps: Option<f64>,
+
+    /// Stripe requests per second at start, before the rate adapts.
+    #[arg(long, env = "STRIPE_INITIAL_RPS", default_value_t = 10.0, value_parser = parse_rate)]
+    pub stripe_initial_rps: f64,
+
+    /// The adaptive Stripe rate never goes below this many requests per second.
+    #[arg(long, env = "STRIPE_MIN_RPS", default_value_t = 1.0, value_parser = parse_rate)]
+    pub stripe_min_rps: f64,
+
+    /// Requests per second the rate grows by each second it is the bottleneck, after the
+    /// first 429 (before it, the rate doubles each second).
+    #[arg(long, env = "STRIPE_RATE_INCREASE", default_value_t = 2.0, value_parser = parse_rate)]
+    pub stripe_rate_increase: f64,
+
+    /// Factor a 429 multiplies the rate by (at most once a second), between 0 and 1.
+    #[arg(long, env = "STRIPE_RATE_DECREASE", default_value_t = 0.7, value_parser = parse_fraction)]
+    pub stripe_rate_decrease: f64,
+
+    /// Stripe-wide failures (timeouts, connection errors, 5xx) in a row that open the circuit.
+    #[arg(long, env = "STRIPE_BREAKER_CONSECUTIVE", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub stripe_breaker_consecutive: u32,
+
+    /// How many recent Stripe answers the breaker's failure ratio is computed over.
+    #[arg(long, env = "STRIPE_BREAKER_WINDOW", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub stripe_breaker_window: u32,
+
+    /// Answers the window must hold before the failure ratio can open the circuit.
+    #[arg(long, env = "STRIPE_BREAKER_MIN_CALLS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub stripe_breaker_min_calls: u32,
+
+    /// Share of Stripe-wide failures in the window that opens the circuit, above 0 and up to 1.
+    #[arg(long, env = "STRIPE_BREAKER_FAILURE_RATIO", default_value_t = 0.5, value_parser = parse_ratio)]
+    pub stripe_breaker_failure_ratio: f64,
+
+    /// How long the circuit stays open before one probe; doubles while probes fail.
+    #[arg(long, env = "STRIPE_BREAKER_COOLDOWN", default_value = "5s", value_parser = parse_duration)]
+    pub stripe_breaker_cooldown: Duration,
+
+    /// The longest cool-down between probes.
+    #[arg(long, env = "STRIPE_BREAKER_MAX_COOLDOWN", default_value = "60s", value_parser = parse_duration)]
+    pub stripe_breaker_max_cooldown: Duration,
+
     /// How often queue depths are read from the broker for metrics.
     #[arg(long, env = "QUEUE_DEPTH_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub queue_depth_interval: Duration,
@@ -302,6 +350,57 @@ impl RunArgs {
         }
     }
 
+    /// The circuit breaker's settings.
+    ///
+    /// # Errors
+    /// When they contradict each other; the message names the settings.
+    pub fn breaker_settings(&self) -> Result<BreakerSettings, String> {
+        if self.stripe_breaker_min_calls > self.stripe_breaker_window {
+            return Err(format!(
+                "invalid STRIPE_BREAKER_MIN_CALLS (--stripe-breaker-min-calls): {} is more than \
+                 STRIPE_BREAKER_WINDOW ({}), so the failure ratio could never open the circuit",
+                self.stripe_breaker_min_calls, self.stripe_breaker_window
+            ));
+        }
+        if self.stripe_breaker_cooldown > self.stripe_breaker_max_cooldown {
+            return Err(format!(
+                "invalid STRIPE_BREAKER_COOLDOWN (--stripe-breaker-cooldown): {:?} is longer than \
+                 STRIPE_BREAKER_MAX_COOLDOWN ({:?})",
+                self.stripe_breaker_cooldown, self.stripe_breaker_max_cooldown
+            ));
+        }
+        Ok(BreakerSettings {
+            window: self.stripe_breaker_window as usize,
+            min_calls: self.stripe_breaker_min_calls as usize,
+            failure_ratio: self.stripe_breaker_failure_ratio,
+            consecutive: self.stripe_breaker_consecutive as usize,
+            cooldown: self.stripe_breaker_cooldown,
+            max_cooldown: self.stripe_breaker_max_cooldown,
+        })
+    }
+
+    /// The adaptive rate's settings.
+    ///
+    /// # Errors
+    /// When they contradict each other; the message names the settings.
+    pub fn pacer_settings(&self) -> Result<PacerSettings, String> {
+        if let Some(max) = self.stripe_max_rps
+            && max < self.stripe_min_rps
+        {
+            return Err(format!(
+                "invalid STRIPE_MAX_RPS (--stripe-max-rps): {max} is below STRIPE_MIN_RPS ({})",
+                self.stripe_min_rps
+            ));
+        }
+        Ok(PacerSettings {
+            initial: self.stripe_initial_rps,
+            min: self.stripe_min_rps,
+            max: self.stripe_max_rps,
+            increase: self.stripe_rate_increase,
+            decrease: self.stripe_rate_decrease,
+        })
+    }
+
     pub fn reconnect_policy(&self) -> ReconnectPolicy {
         ReconnectPolicy {
             min_delay: self.reconnect_min_delay,
@@ -319,6 +418,30 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(duration)
+}
+
+/// Requests per second: a finite number above zero, at most 10,000.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 10_000.0 => Ok(rate),
+        _ => Err("must be a number of requests per second above 0 and at most 10000".into()),
+    }
+}
+
+/// A factor strictly between 0 and 1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f < 1.0 => Ok(f),
+        _ => Err("must be a number between 0 and 1 (exclusive), e.g. 0.7".into()),
+    }
+}
+
+/// A share above 0 and at most 1.
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err("must be a number above 0 and at most 1, e.g. 0.5".into()),
+    }
 }
 
 fn parse_http_url(text: &str) -> Result<String, String> {
@@ -340,6 +463,8 @@ mod tests {
             Ok(Cli { global, command: Command::Run(run) }) => {
                 global.broker_uri()?;
                 run.stripe_secret_key()?;
+                run.breaker_settings()?;
+                run.pacer_settings()?;
                 Ok(*run)
             }
             Ok(_) => unreachable!("argv starts with `run`"),
@@ -357,6 +482,8 @@ mod tests {
         assert_eq!(urls.success, "http://localhost:3000?payment=success");
         assert_eq!(urls.cancel, "http://localhost:3000?payment=cancel");
         assert!(args.stripe_secret_key().unwrap().is_none());
+        assert_eq!(args.breaker_settings().unwrap(), BreakerSettings::default());
+        assert_eq!(args.pacer_settings().unwrap(), PacerSettings::default());
     }
 
     #[test]
@@ -370,6 +497,16 @@ mod tests {
             (&["--http-addr", "nowhere"][..], "HTTP_ADDR"),
             (&["--rabbitmq-uri", "http://x"][..], "RABBITMQ_URI"),
             (&["--stripe-secret-key", " "][..], "STRIPE_SECRET_KEY"),
+            (&["--stripe-max-rps", "0"][..], "STRIPE_MAX_RPS"),
+            (&["--stripe-max-rps", "0.5"][..], "STRIPE_MAX_RPS"),
+            (&["--stripe-initial-rps", "fast"][..], "STRIPE_INITIAL_RPS"),
+            (&["--stripe-min-rps=-1"][..], "STRIPE_MIN_RPS"),
+            (&["--stripe-rate-decrease", "1"][..], "STRIPE_RATE_DECREASE"),
+            (&["--stripe-breaker-failure-ratio", "0"][..], "STRIPE_BREAKER_FAILURE_RATIO"),
+            (&["--stripe-breaker-consecutive", "0"][..], "STRIPE_BREAKER_CONSECUTIVE"),
+            (&["--stripe-breaker-min-calls", "30"][..], "STRIPE_BREAKER_MIN_CALLS"),
+            (&["--stripe-breaker-cooldown", "2m"][..], "STRIPE_BREAKER_COOLDOWN"),
+            (&["--stripe-breaker-max-cooldown", "0s"][..], "STRIPE_BREAKER_MAX_COOLDOWN"),
         ] {
             let err = run(args).err().unwrap_or_else(|| panic!("{args:?} accepted"));
             assert!(err.contains(name), "{err} should name {name}");

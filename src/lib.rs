@@ -8,7 +8,10 @@
 //! - [`worker`]: the consumer loop and what happens to each delivery.
 //! - [`contract`]: the Go services' envelope and payloads, read and written as Go does.
 //! - [`money`]: integer amounts in minor units and currency exponents.
+//! - [`decision`]: what happens to a delivery, as one pure function of what went wrong.
 //! - [`stripe`]: Checkout Session creation, idempotent by trip, and failure classes.
+//! - [`flow`]: flow control in front of Stripe: [`breaker`] (the circuit breaker over
+//!   Stripe-wide failures) and [`pacer`] (the adaptive request rate).
 //! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
 //! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
 //! - [`broker`]: connection pool and confirmed, mandatory publishing.
@@ -17,14 +20,18 @@
 //! - [`metrics`], [`health`], [`http`]: what operators see.
 
 pub mod app;
+pub mod breaker;
 pub mod broker;
 pub mod config;
 pub mod contract;
+pub mod decision;
+pub mod flow;
 pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod money;
 pub mod ops;
+pub mod pacer;
 pub mod retry;
 pub mod stripe;
 pub mod topology;

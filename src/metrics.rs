@@ -4,10 +4,11 @@
 //! seconds, and label values come from bounded sets (never a trip id).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::breaker::State;
 use crate::retry::ParkReason;
 
 /// How one delivery ended.
@@ -19,6 +20,9 @@ pub enum Outcome {
     Retried,
     /// A parked copy was published and the command acked.
     Parked(ParkReason),
+    /// Stripe was failing, rate-limiting or behind an open circuit: a copy with the attempt
+    /// count unchanged went back to the work queue and the command was acked.
+    Deferred,
     /// No replacement could be published; the command was handed back to the broker.
     Requeued,
     /// The channel failed; the broker redelivers the command by itself.
@@ -31,6 +35,7 @@ impl Outcome {
             Self::Succeeded => "succeeded",
             Self::Retried => "retried",
             Self::Parked(_) => "parked",
+            Self::Deferred => "deferred",
             Self::Requeued => "requeued",
             Self::Abandoned => "abandoned",
         }
@@ -51,6 +56,13 @@ pub struct Metrics {
     pub stripe_requests: IntCounterVec,
     pub stripe_duration: Histogram,
     pub stripe_in_flight: IntGauge,
+    /// 1 for the circuit breaker's current state (closed, open, half_open), 0 for the others.
+    pub stripe_circuit_state: IntGaugeVec,
+    pub stripe_circuit_transitions: IntCounterVec,
+    /// The adaptive Stripe request rate, requests per second.
+    pub stripe_rate_limit: Gauge,
+    /// Time the consumer spent cancelled because the circuit was open.
+    pub intake_paused_seconds: Counter,
     pub broker_connected: IntGauge,
     pub broker_reconnects: IntCounter,
     pub channel_errors: IntCounter,
@@ -76,7 +88,7 @@ impl Metrics {
                 Opts::new(
                     "payment_worker_commands_total",
                     "Create-session commands handled, by outcome (succeeded, retried, parked, \
-                     requeued, abandoned), attempt number and park reason",
+                     deferred, requeued, abandoned), attempt number and park reason",
                 ),
                 &["outcome", "attempt", "reason"],
             )
@@ -132,6 +144,33 @@ impl Metrics {
             stripe_in_flight: IntGauge::new(
                 "payment_worker_stripe_requests_in_flight",
                 "Checkout Session requests waiting for Stripe's answer",
+            )
+            .expect("valid metric"),
+            stripe_circuit_state: IntGaugeVec::new(
+                Opts::new(
+                    "payment_worker_stripe_circuit_state",
+                    "1 for the Stripe circuit breaker's current state (closed, open, half_open), \
+                     0 for the others",
+                ),
+                &["state"],
+            )
+            .expect("valid metric"),
+            stripe_circuit_transitions: IntCounterVec::new(
+                Opts::new(
+                    "payment_worker_stripe_circuit_transitions_total",
+                    "Stripe circuit breaker transitions, by the state entered",
+                ),
+                &["to"],
+            )
+            .expect("valid metric"),
+            stripe_rate_limit: Gauge::new(
+                "payment_worker_stripe_rate_limit",
+                "The adaptive Stripe request rate of this replica, in requests per second",
+            )
+            .expect("valid metric"),
+            intake_paused_seconds: Counter::new(
+                "payment_worker_intake_paused_seconds_total",
+                "Time the consumer was cancelled because the Stripe circuit was open",
             )
             .expect("valid metric"),
             broker_connected: IntGauge::new(
@@ -202,6 +241,10 @@ impl Metrics {
             Box::new(metrics.stripe_requests.clone()),
             Box::new(metrics.stripe_duration.clone()),
             Box::new(metrics.stripe_in_flight.clone()),
+            Box::new(metrics.stripe_circuit_state.clone()),
+            Box::new(metrics.stripe_circuit_transitions.clone()),
+            Box::new(metrics.stripe_rate_limit.clone()),
+            Box::new(metrics.intake_paused_seconds.clone()),
             Box::new(metrics.broker_connected.clone()),
             Box::new(metrics.broker_reconnects.clone()),
             Box::new(metrics.channel_errors.clone()),
@@ -225,6 +268,14 @@ impl Metrics {
             _ => "",
         };
         self.commands.with_label_values(&[outcome.as_str(), &attempt.to_string(), reason]).inc();
+    }
+
+    /// Shows `state` as the circuit breaker's current state.
+    pub fn set_circuit_state(&self, state: State) {
+        for label in ["closed", "open", "half_open"] {
+            let value = i64::from(label == state.as_str());
+            self.stripe_circuit_state.with_label_values(&[label]).set(value);
+        }
     }
 
     /// The registry in Prometheus' text format.

@@ -24,6 +24,9 @@ pub const ORIGINAL_ROUTING_KEY: &str = "payment-original-routing-key";
 /// The delay tier a retry copy waits in (`"1s"`), and when it was published there.
 pub const RETRY_TIER: &str = "payment-retry-tier";
 pub const RETRY_PUBLISHED_AT: &str = "payment-retry-published-at";
+/// How often the command went back to the work queue without an attempt spent, because Stripe
+/// was failing or rate-limiting.
+pub const DEFERRALS: &str = "payment-deferrals";
 /// Why and when a message was parked.
 pub const PARK_REASON: &str = "payment-park-reason";
 pub const PARK_DETAIL: &str = "payment-park-detail";
@@ -77,6 +80,7 @@ pub struct RetryState {
     pub original_routing_key: Option<String>,
     pub retry_tier: Option<String>,
     pub retry_published_at: Option<u64>,
+    pub deferrals: u32,
 }
 
 impl RetryState {
@@ -93,6 +97,7 @@ impl RetryState {
             retry_tier: string(headers, RETRY_TIER),
             retry_published_at: int(headers, RETRY_PUBLISHED_AT)
                 .and_then(|n| u64::try_from(n).ok()),
+            deferrals: int(headers, DEFERRALS).and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
         }
     }
 
@@ -153,8 +158,23 @@ impl FailedAttempt<'_> {
         persistent(original).with_headers(headers)
     }
 
+    /// Properties for the copy of `original` that goes back to the work queue without an
+    /// attempt spent: the attempt count travels unchanged, the deferral count goes up, and the
+    /// retry tier is dropped (this copy did not wait in a wait queue).
+    pub fn deferred_properties(&self, original: &BasicProperties) -> BasicProperties {
+        let mut headers = carried_headers(original, &[RETRY_TIER, RETRY_PUBLISHED_AT]);
+        let first_seen = self.state.first_seen_at.unwrap_or(self.started_ms);
+        headers.insert(FIRST_SEEN_AT.into(), AMQPValue::LongLongInt(ms_i64(first_seen)));
+        let deferrals = i64::from(self.state.deferrals.saturating_add(1));
+        headers.insert(DEFERRALS.into(), AMQPValue::LongLongInt(deferrals));
+        headers.insert(LAST_ERROR.into(), long_string(&truncate(self.error)));
+        headers.insert(ORIGINAL_EXCHANGE.into(), long_string(&self.origin.exchange));
+        headers.insert(ORIGINAL_ROUTING_KEY.into(), long_string(&self.origin.routing_key));
+        persistent(original).with_headers(headers)
+    }
+
     fn headers(&self, original: &BasicProperties) -> FieldTable {
-        let mut headers = carried_headers(original);
+        let mut headers = carried_headers(original, &[]);
         let first_seen = self.state.first_seen_at.unwrap_or(self.started_ms);
         let first_failure = self.state.first_failure_at.unwrap_or(self.now_ms);
         headers.insert(ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.number)));
@@ -203,15 +223,16 @@ fn persistent(original: &BasicProperties) -> BasicProperties {
     properties
 }
 
-/// The original's headers without the broker's dead-letter bookkeeping.
-fn carried_headers(original: &BasicProperties) -> FieldTable {
+/// The original's headers without the broker's dead-letter bookkeeping and without `skip`.
+fn carried_headers(original: &BasicProperties, skip: &[&str]) -> FieldTable {
     let mut headers = FieldTable::default();
     if let Some(original) = original.headers() {
         for (key, value) in original.inner() {
             let name = key.as_str();
             if !(name.starts_with("x-death")
                 || name.starts_with("x-first-death-")
-                || name.starts_with("x-last-death-"))
+                || name.starts_with("x-last-death-")
+                || skip.contains(&name))
             {
                 headers.insert(key.clone(), value.clone());
             }
@@ -333,6 +354,24 @@ mod tests {
         assert_eq!(int(headers, ATTEMPT), Some(4));
         assert_eq!(string(headers, PARK_REASON).as_deref(), Some("retries_exhausted"));
         assert_eq!(parked.expiration(), &None, "a parked copy never expires");
+    }
+
+    #[test]
+    fn a_deferred_copy_keeps_the_attempt_count() {
+        let (origin, fresh) = (origin(), RetryState::default());
+        let retried = failed(&origin, &fresh, 2, 10, "a").retry_properties(&original(), "2s", 2000);
+        let state = RetryState::from_properties(&retried);
+        let deferred = failed(&origin, &state, 3, 50, "503").deferred_properties(&retried);
+        let again = RetryState::from_properties(&deferred);
+        assert_eq!(again.attempts, 2, "no attempt spent");
+        assert_eq!(again.deferrals, 1);
+        assert_eq!(again.first_seen_at, Some(9));
+        assert_eq!(again.retry_tier, None, "not observed as a retry delay");
+        assert_eq!(again.retry_published_at, None);
+        assert_eq!(again.original_exchange.as_deref(), Some("trip"));
+        assert_eq!(deferred.expiration(), &None);
+        let twice = failed(&origin, &again, 3, 60, "429").deferred_properties(&deferred);
+        assert_eq!(RetryState::from_properties(&twice).deferrals, 2);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -25,8 +26,12 @@ use stripe_checkout::checkout_session::{
 };
 use stripe_client_core::{StripeMethod, StripeRequest};
 use stripe_shared::CheckoutSessionMode;
+use tokio::sync::watch;
 
+use crate::breaker::{Signal, Spread, State};
 use crate::contract::CreateSession;
+use crate::flow::FlowControl;
+use crate::metrics::Metrics;
 
 /// Stripe's own API, the default base URL.
 pub const STRIPE_API: &str = "https://api.stripe.com/";
@@ -67,6 +72,8 @@ pub enum StripeError {
         status: u16,
         /// The `Stripe-Should-Retry` header, when Stripe sent one.
         should_retry: Option<bool>,
+        /// The `Retry-After` header in seconds, when Stripe sent one.
+        retry_after: Option<Duration>,
         /// `error.type`: `api_error`, `invalid_request_error`, `idempotency_error`, …
         kind: Option<String>,
         code: Option<String>,
@@ -97,6 +104,29 @@ impl StripeError {
         }
     }
 
+    /// What the failure says about Stripe as a whole: a timeout, a connection error or a 5xx
+    /// (unless `Stripe-Should-Retry: false` marks a saved answer for this request) is Stripe
+    /// failing; a 429 is Stripe asking to slow down; anything else is an answer about this
+    /// request.
+    pub fn signal(&self) -> Signal {
+        match self {
+            Self::Transport(_) | Self::Timeout(_) => Signal::Failed,
+            Self::Api { status: 429, .. } => Signal::Throttled,
+            Self::Api { status: 500.., should_retry, .. } if *should_retry != Some(false) => {
+                Signal::Failed
+            }
+            Self::Api { .. } | Self::BadResponse(_) => Signal::Answered,
+        }
+    }
+
+    /// How long Stripe asked to wait (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Api { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// The same trip arrived again with different parameters (a changed amount).
     pub fn is_idempotency_conflict(&self) -> bool {
         matches!(self, Self::Api { kind: Some(kind), .. } if kind == "idempotency_error")
@@ -116,33 +146,103 @@ impl StripeError {
     }
 }
 
-/// Who creates sessions: Stripe's API, or mock mode.
-pub enum Gateway {
-    Stripe(Box<StripeApi>),
+/// Why no session came back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// The circuit breaker is open: Stripe was not called.
+    #[error("Stripe's circuit is open; not called")]
+    CircuitOpen,
+    /// Stripe was called and failed; `spread` says, for a Stripe-wide failure, whether it
+    /// stood alone.
+    #[error("{error}")]
+    Stripe { error: StripeError, spread: Spread },
+}
+
+/// Who creates sessions: Stripe's API behind flow control, or mock mode. Records the
+/// `payment_worker_stripe_*` metrics of every call.
+pub struct Gateway {
+    backend: Backend,
+    metrics: Arc<Metrics>,
+}
+
+enum Backend {
+    Stripe(Box<(StripeApi, FlowControl)>),
     /// Deterministic fake sessions (`cs_test_mock_session_<trip id>`) for local runs.
     Mock,
 }
 
+/// Counts a call in flight for as long as it lives, however the call ends (a task aborted
+/// mid-call included).
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn start(metrics: &'a Metrics) -> Self {
+        metrics.stripe_in_flight.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.stripe_in_flight.dec();
+    }
+}
+
 impl Gateway {
-    /// Creates the session for `cmd`, or gets the one already created for its trip.
+    pub fn stripe(api: StripeApi, flow: FlowControl, metrics: Arc<Metrics>) -> Self {
+        Self { backend: Backend::Stripe(Box::new((api, flow))), metrics }
+    }
+
+    pub fn mock(metrics: Arc<Metrics>) -> Self {
+        Self { backend: Backend::Mock, metrics }
+    }
+
+    /// Creates the session for `cmd`, or gets the one already created for its trip. Waits for
+    /// the circuit breaker and the rate limiter first.
     ///
     /// # Errors
-    /// See [`StripeError`]; mock mode never fails.
+    /// See [`CallError`]; mock mode never fails.
     pub async fn create_session(
         &self,
         cmd: &CreateSession,
         urls: &CheckoutUrls,
-    ) -> Result<Session, StripeError> {
-        match self {
-            Self::Stripe(api) => api.create_checkout_session(cmd, urls).await,
-            Self::Mock => {
-                Ok(Session { id: format!("{MOCK_SESSION_PREFIX}{}", cmd.trip_id), replayed: false })
-            }
-        }
+    ) -> Result<Session, CallError> {
+        let Backend::Stripe(stripe) = &self.backend else {
+            self.metrics.stripe_requests.with_label_values(&["created"]).inc();
+            return Ok(Session {
+                id: format!("{MOCK_SESSION_PREFIX}{}", cmd.trip_id),
+                replayed: false,
+            });
+        };
+        let (api, flow) = &**stripe;
+        let permit = flow.admit().await.ok_or(CallError::CircuitOpen)?;
+        let result = {
+            let _in_flight = InFlight::start(&self.metrics);
+            let started = Instant::now();
+            let result = api.create_checkout_session(cmd, urls).await;
+            self.metrics.stripe_duration.observe(started.elapsed().as_secs_f64());
+            result
+        };
+        let spread = permit.finish(result.as_ref().map(|_| ()), &cmd.trip_id);
+        let label = match &result {
+            Ok(session) if session.replayed => "replayed",
+            Ok(_) => "created",
+            Err(e) => e.class(),
+        };
+        self.metrics.stripe_requests.with_label_values(&[label]).inc();
+        result.map_err(|error| CallError::Stripe { error, spread })
     }
 
     pub fn is_mock(&self) -> bool {
-        matches!(self, Self::Mock)
+        matches!(self.backend, Backend::Mock)
+    }
+
+    /// The circuit breaker's state; `None` in mock mode, which has none.
+    pub fn circuit(&self) -> Option<watch::Receiver<State>> {
+        match &self.backend {
+            Backend::Stripe(stripe) => Some(stripe.1.circuit()),
+            Backend::Mock => None,
+        }
     }
 }
 
@@ -281,17 +381,22 @@ impl StripeApi {
             };
             let should_retry = header("stripe-should-retry").and_then(|v| v.parse().ok());
             let replayed = header("idempotent-replayed").is_some_and(|v| v == "true");
+            // Seconds only: Stripe does not send the HTTP-date form.
+            let retry_after = header("retry-after")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
             let body = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| StripeError::Transport(error_chain(&e)))?
                 .to_bytes();
-            Ok((status, should_retry, replayed, body))
+            Ok((status, should_retry, retry_after, replayed, body))
         };
-        let (status, should_retry, replayed, body) = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .map_err(|_| StripeError::Timeout(self.timeout))??;
+        let (status, should_retry, retry_after, replayed, body) =
+            tokio::time::timeout(self.timeout, exchange)
+                .await
+                .map_err(|_| StripeError::Timeout(self.timeout))??;
 
         if (200..300).contains(&status) {
             let session: SessionObject = serde_json::from_slice(&body)
@@ -302,6 +407,7 @@ impl StripeApi {
         Err(StripeError::Api {
             status,
             should_retry,
+            retry_after,
             kind: detail.as_ref().and_then(|d| d.kind.clone()),
             code: detail.as_ref().and_then(|d| d.code.clone()),
             message: detail
@@ -331,6 +437,7 @@ mod tests {
         StripeError::Api {
             status,
             should_retry,
+            retry_after: None,
             kind: kind.map(str::to_owned),
             code: None,
             message: "m".into(),
@@ -352,6 +459,24 @@ mod tests {
         let conflict = api(400, None, Some("idempotency_error"));
         assert!(conflict.is_idempotency_conflict() && !conflict.is_transient());
         assert_eq!(conflict.class(), "idempotency_conflict");
+    }
+
+    #[test]
+    fn tells_stripe_failing_from_answers_about_the_request() {
+        assert_eq!(StripeError::Timeout(Duration::from_secs(1)).signal(), Signal::Failed);
+        assert_eq!(StripeError::Transport("reset".into()).signal(), Signal::Failed);
+        for status in [500, 502, 503, 504] {
+            assert_eq!(api(status, None, None).signal(), Signal::Failed, "{status}");
+            assert_eq!(api(status, Some(true), None).signal(), Signal::Failed, "{status}");
+        }
+        assert_eq!(api(429, None, None).signal(), Signal::Throttled);
+        assert_eq!(api(429, Some(true), None).signal(), Signal::Throttled);
+        assert_eq!(api(500, Some(false), None).signal(), Signal::Answered, "a saved 500");
+        for status in [400, 401, 402, 404, 409, 424] {
+            assert_eq!(api(status, None, None).signal(), Signal::Answered, "{status}");
+        }
+        assert_eq!(api(400, None, Some("idempotency_error")).signal(), Signal::Answered);
+        assert_eq!(StripeError::BadResponse("x".into()).signal(), Signal::Answered);
     }
 
     #[test]

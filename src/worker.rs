@@ -23,20 +23,24 @@ use deadpool_lapin::Pool;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicQosOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::breaker::{Signal, State};
 use crate::broker::{PublishError, Publisher};
-use crate::contract::CreateSession;
+use crate::contract::{CreateSession, InvalidMessage};
+use crate::decision::{Action, Class, decide};
 use crate::health::Readiness;
 use crate::metrics::{Metrics, Outcome};
 use crate::retry::{self, FailedAttempt, Origin, ParkReason, RetryState};
-use crate::stripe::{CheckoutUrls, Gateway, StripeError, error_chain};
+use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError, error_chain};
 use crate::topology::{Topology, TopologyError};
 
 /// How long a requeued command is held before it goes back, so that a broker refusing every
@@ -185,18 +189,10 @@ impl Worker {
                 .basic_qos(self.settings.prefetch, BasicQosOptions::default())
                 .await
                 .map_err(|e| lost(format!("basic.qos: {e}")))?;
-            let consumer = consume
-                .basic_consume(
-                    self.topology.work_queue.name.as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| lost(format!("consuming {}: {e}", self.topology.work_queue.name)))?;
+            let consumer = self.consume(&consume).await.map_err(lost)?;
             Ok((publisher, consume, consumer))
         };
-        let (publisher, consume, mut consumer) = match setup.await {
+        let (publisher, consume, consumer) = match setup.await {
             Ok(parts) => parts,
             Err(end) => {
                 close(&connection).await;
@@ -216,76 +212,248 @@ impl Worker {
             publisher,
             session_failed: session_failed.clone(),
         });
-        let mut tasks = JoinSet::new();
-        // The acker of each task's delivery, so a handler that panicked still hands its
-        // message back.
-        let mut in_flight = HashMap::new();
+        let mut tasks = Tasks { handler, set: JoinSet::new(), in_flight: HashMap::new() };
+        let mut intake = Intake::Consuming(consumer);
+        let mut circuit = self.gateway.circuit();
+        // The task handling the message fetched to probe Stripe, while it runs.
+        let mut probe = None;
 
         let cause = loop {
+            let probe_at = intake.probe_at(probe.is_some(), circuit.as_ref());
+            // `biased`: a stop or a failed session wins over new work, and finished tasks are
+            // collected before more deliveries are taken.
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break None,
                 () = session_failed.cancelled() => break Some("a channel failed while publishing".to_owned()),
-                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                    let (id, panicked) = match joined {
-                        Ok((id, ())) => (id, false),
-                        Err(e) => (e.id(), e.is_panic()),
-                    };
-                    if let Some(acker) = in_flight.remove(&id)
-                        && panicked
-                    {
-                        error!("a delivery handler panicked; handing its message back to the broker");
-                        tokio::spawn(async move { requeue(&acker).await });
+                Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
+                    if probe == Some(id) {
+                        probe = None;
                     }
                 }
-                next = consumer.next() => match next {
+                state = circuit_changed(&mut circuit) => {
+                    if let Err(cause) = self.steer(&consume, &mut intake, state).await {
+                        break Some(cause);
+                    }
+                }
+                next = intake.next(), if intake.has_consumer() => match next {
                     Some(Ok(delivery)) => {
-                        let acker = delivery.acker.clone();
-                        let handler = handler.clone();
-                        let handle = tasks.spawn(async move { handler.handle(delivery).await; });
-                        in_flight.insert(handle.id(), acker);
+                        tasks.spawn(delivery);
                     }
                     Some(Err(e)) => break Some(format!("consumer: {e}")),
-                    None => break Some(format!("the broker cancelled the consumer on {}", self.topology.work_queue.name)),
+                    None => match intake {
+                        Intake::Draining(_) => {
+                            intake = Intake::Paused { since: Instant::now() };
+                            let state = circuit.as_ref().map(|c| *c.borrow());
+                            if let Err(cause) = self.steer(&consume, &mut intake, state).await {
+                                break Some(cause);
+                            }
+                        }
+                        _ => break Some(format!("the broker cancelled the consumer on {}", self.topology.work_queue.name)),
+                    },
                 },
+                () = sleep_until(probe_at), if probe_at.is_some() => {
+                    let fetched = consume
+                        .basic_get(self.topology.work_queue.name.as_str().into(), BasicGetOptions::default())
+                        .await;
+                    match fetched {
+                        Ok(Some(message)) => probe = Some(tasks.spawn(message.delivery)),
+                        // Nothing waits: consume again, the first delivery probes.
+                        Ok(None) => match self.consume(&consume).await {
+                            Ok(consumer) => intake = intake.resume(consumer, &self.metrics),
+                            Err(cause) => break Some(cause),
+                        },
+                        Err(e) => break Some(format!("basic.get on {}: {e}", self.topology.work_queue.name)),
+                    }
+                }
             }
         };
 
+        if let Intake::Paused { since } = intake {
+            self.metrics.intake_paused_seconds.inc_by(since.elapsed().as_secs_f64());
+        }
         self.readiness.set_not_ready(match &cause {
             None => "shutting down".to_owned(),
             Some(cause) => format!("broker session lost: {cause}"),
         });
         match cause {
             None => {
-                let _ = consume.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                let in_flight_count = tasks.len();
+                if let Intake::Consuming(consumer) = &intake {
+                    let _ =
+                        consume.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                }
+                let in_flight_count = tasks.set.len();
                 info!(
                     in_flight = in_flight_count,
                     grace_ms = self.settings.shutdown_grace.as_millis() as u64,
                     "stopping: draining in-flight deliveries"
                 );
                 let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
-                    while tasks.join_next().await.is_some() {}
+                    while tasks.set.join_next().await.is_some() {}
                 })
                 .await;
                 if drained.is_err() {
                     warn!(
-                        left = tasks.len(),
+                        left = tasks.set.len(),
                         "shutdown grace spent; the broker will redeliver what is left"
                     );
-                    tasks.abort_all();
+                    tasks.set.abort_all();
                 }
                 close(&connection).await;
                 SessionEnd::Stopped
             }
             Some(cause) => {
                 self.metrics.channel_errors.inc();
-                tasks.abort_all();
+                tasks.set.abort_all();
                 // Closing the connection hands every unacked delivery back to the broker.
                 close(&connection).await;
                 SessionEnd::Lost { consumed: true, cause }
             }
         }
+    }
+
+    /// Starts a consumer on the work queue.
+    async fn consume(&self, channel: &Channel) -> Result<Consumer, String> {
+        channel
+            .basic_consume(
+                self.topology.work_queue.name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming {}: {e}", self.topology.work_queue.name))
+    }
+
+    /// Follows the circuit: cancels the consumer when it opens (payments then wait in the
+    /// work queue, where other replicas can take them), consumes again when it closes.
+    async fn steer(
+        &self,
+        channel: &Channel,
+        intake: &mut Intake,
+        circuit: Option<State>,
+    ) -> Result<(), String> {
+        match (circuit, &*intake) {
+            (Some(State::Open { .. }), Intake::Consuming(consumer)) => {
+                channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await
+                    .map_err(|e| format!("basic.cancel: {e}"))?;
+                let Intake::Consuming(consumer) =
+                    std::mem::replace(intake, Intake::Paused { since: Instant::now() })
+                else {
+                    unreachable!("matched above")
+                };
+                *intake = Intake::Draining(consumer);
+            }
+            (Some(State::Closed), Intake::Paused { .. }) => {
+                let consumer = self.consume(channel).await?;
+                let paused = std::mem::replace(intake, Intake::Paused { since: Instant::now() });
+                *intake = paused.resume(consumer, &self.metrics);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Whether the session takes deliveries, as the Stripe circuit allows.
+enum Intake {
+    /// A consumer is running.
+    Consuming(Consumer),
+    /// `basic.cancel` was sent because the circuit opened; what the broker had already sent is
+    /// read (and deferred) until the stream ends.
+    Draining(Consumer),
+    /// No consumer: the circuit is open. Messages wait in the work queue.
+    Paused { since: Instant },
+}
+
+impl Intake {
+    fn has_consumer(&self) -> bool {
+        !matches!(self, Self::Paused { .. })
+    }
+
+    async fn next(&mut self) -> Option<Result<Delivery, lapin::Error>> {
+        match self {
+            Self::Consuming(consumer) | Self::Draining(consumer) => consumer.next().await,
+            Self::Paused { .. } => std::future::pending().await,
+        }
+    }
+
+    /// Consuming again with `consumer`; the time paused is counted.
+    fn resume(self, consumer: Consumer, metrics: &Metrics) -> Self {
+        if let Self::Paused { since } = self {
+            metrics.intake_paused_seconds.inc_by(since.elapsed().as_secs_f64());
+        }
+        Self::Consuming(consumer)
+    }
+
+    /// When to fetch one message to probe Stripe with: once the cool-down has passed, while
+    /// paused and no probe is running.
+    fn probe_at(
+        &self,
+        probing: bool,
+        circuit: Option<&watch::Receiver<State>>,
+    ) -> Option<tokio::time::Instant> {
+        if probing || !matches!(self, Self::Paused { .. }) {
+            return None;
+        }
+        match *circuit?.borrow() {
+            State::Open { until } => Some(tokio::time::Instant::from_std(until)),
+            State::HalfOpen => Some(tokio::time::Instant::now()),
+            State::Closed => None,
+        }
+    }
+}
+
+/// The next state of the circuit; never returns in mock mode, which has none.
+async fn circuit_changed(circuit: &mut Option<watch::Receiver<State>>) -> Option<State> {
+    let Some(receiver) = circuit else { return std::future::pending().await };
+    if receiver.changed().await.is_err() {
+        *circuit = None;
+        return None;
+    }
+    Some(*receiver.borrow_and_update())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The delivery tasks of one session.
+struct Tasks {
+    handler: Arc<Handler>,
+    set: JoinSet<()>,
+    /// The acker of each task's delivery, so a handler that panicked still hands its
+    /// message back.
+    in_flight: HashMap<tokio::task::Id, lapin::Acker>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, delivery: Delivery) -> tokio::task::Id {
+        let acker = delivery.acker.clone();
+        let handler = self.handler.clone();
+        let id = self.set.spawn(async move { handler.handle(delivery).await }).id();
+        self.in_flight.insert(id, acker);
+        id
+    }
+
+    /// Collects a finished task; requeues the delivery of one that panicked.
+    async fn join_next(&mut self) -> Option<tokio::task::Id> {
+        let (id, panicked) = match self.set.join_next_with_id().await? {
+            Ok((id, ())) => (id, false),
+            Err(e) => (e.id(), e.is_panic()),
+        };
+        if let Some(acker) = self.in_flight.remove(&id)
+            && panicked
+        {
+            error!("a delivery handler panicked; handing its message back to the broker");
+            tokio::spawn(async move { requeue(&acker).await });
+        }
+        Some(id)
     }
 }
 
@@ -313,12 +481,17 @@ struct Handler {
     session_failed: CancellationToken,
 }
 
-/// Why an attempt did not succeed.
-enum Failure {
-    Transient(String),
-    Permanent(ParkReason, String),
-    /// The publish channel broke: nothing more can be done in this session.
-    Channel(String),
+/// Why an attempt, or the publish of its replacement, did not succeed; `detail` is recorded
+/// on the replacement.
+struct Failure {
+    class: Class,
+    detail: String,
+}
+
+impl Failure {
+    fn new(class: Class, detail: impl Into<String>) -> Self {
+        Self { class, detail: detail.into() }
+    }
 }
 
 impl Handler {
@@ -354,52 +527,29 @@ impl Handler {
         let span = info_span!("command", trip_id = %trip_id, attempt, delivery_tag = delivery.delivery_tag);
 
         async {
-            let result = if origin.routing_key != self.topology.routing_keys.create_session {
-                Err(Failure::Permanent(
-                    ParkReason::UnexpectedRoutingKey,
-                    format!("routing key {:?} is not {:?}", origin.routing_key, self.topology.routing_keys.create_session),
-                ))
-            } else {
-                match command {
-                    Err(invalid) => Err(Failure::Permanent(ParkReason::InvalidMessage, invalid.to_string())),
-                    Ok(command) => self.create(&command, &delivery.properties).await,
-                }
+            let failure = self.attempt(&origin, command, &delivery.properties).await.err();
+            let delays = &self.topology.retry.delays;
+            let (mut action, mut detail) = match failure {
+                None => (decide(attempt, None, delays), String::new()),
+                Some(f) => (decide(attempt, Some(f.class), delays), f.detail),
             };
-            let failed = |error| FailedAttempt {
-                origin: &origin,
-                state: &state,
-                number: attempt,
-                started_ms,
-                now_ms: retry::now_ms(),
-                error,
-            };
-            let outcome = match result {
-                Ok(()) => Outcome::Succeeded,
-                Err(Failure::Channel(error)) => {
-                    warn!(error = %error, "publish channel failed; the broker will redeliver");
-                    Outcome::Abandoned
-                }
-                Err(Failure::Permanent(reason, detail)) => self.park(&delivery, &failed(detail.as_str()), reason).await,
-                Err(Failure::Transient(error)) => match self.topology.delay_after(attempt) {
-                    None => self.park(&delivery, &failed(error.as_str()), ParkReason::RetriesExhausted).await,
-                    Some(delay) => {
-                        let properties = failed(error.as_str()).retry_properties(&delivery.properties, delay.label(), delay.millis());
-                        match self.publish(&self.topology.retry.exchange, delay.label(), &delivery.data, properties).await {
-                            Ok(()) => {
-                                info!(outcome = "retried", tier = delay.label(), error = %error, "attempt failed, retry scheduled in the broker");
-                                Outcome::Retried
-                            }
-                            Err(e) => {
-                                if e.is_channel_failure() {
-                                    Outcome::Abandoned
-                                } else {
-                                    let detail = format!("{error}; the retry copy was refused: {e}");
-                                    self.park(&delivery, &failed(detail.as_str()), ParkReason::RetryUnroutable).await
-                                }
-                            }
-                        }
+            // Each refused replacement leads to the next action, ending in an outcome.
+            let outcome = loop {
+                let failed = FailedAttempt {
+                    origin: &origin,
+                    state: &state,
+                    number: attempt,
+                    started_ms,
+                    now_ms: retry::now_ms(),
+                    error: &detail,
+                };
+                match self.execute(&delivery, &action, &failed).await {
+                    Ok(outcome) => break outcome,
+                    Err(refused) => {
+                        action = decide(attempt, Some(refused.class), delays);
+                        detail = refused.detail;
                     }
-                },
+                }
             };
             self.settle(&delivery, outcome).await;
             self.metrics.record_outcome(outcome, attempt);
@@ -407,86 +557,113 @@ impl Handler {
             if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
                 let first_seen = state.first_seen_at.unwrap_or(started_ms);
                 let total = Duration::from_millis(retry::now_ms().saturating_sub(first_seen));
-                self.metrics.command_duration.with_label_values(&[outcome.as_str()]).observe(total.as_secs_f64());
+                self.metrics
+                    .command_duration
+                    .with_label_values(&[outcome.as_str()])
+                    .observe(total.as_secs_f64());
             }
         }
         .instrument(span)
         .await;
     }
 
-    /// Creates the session and publishes the event.
-    async fn create(
+    /// Checks the message, creates the session and publishes the event.
+    async fn attempt(
         &self,
-        command: &CreateSession,
+        origin: &Origin,
+        command: Result<CreateSession, InvalidMessage>,
         incoming: &BasicProperties,
     ) -> Result<(), Failure> {
-        self.metrics.stripe_in_flight.inc();
-        let started = Instant::now();
-        let session = self.gateway.create_session(command, &self.urls).await;
-        self.metrics.stripe_duration.observe(started.elapsed().as_secs_f64());
-        self.metrics.stripe_in_flight.dec();
-        let session = match session {
-            Ok(session) => {
-                let result = if session.replayed { "replayed" } else { "created" };
-                self.metrics.stripe_requests.with_label_values(&[result]).inc();
-                session
-            }
-            Err(e) => {
-                self.metrics.stripe_requests.with_label_values(&[e.class()]).inc();
-                return Err(stripe_failure(e));
-            }
-        };
+        let expected = &self.topology.routing_keys.create_session;
+        if &origin.routing_key != expected {
+            return Err(Failure::new(
+                Class::Permanent(ParkReason::UnexpectedRoutingKey),
+                format!("routing key {:?} is not {expected:?}", origin.routing_key),
+            ));
+        }
+        let command = command.map_err(|invalid| {
+            Failure::new(Class::Permanent(ParkReason::InvalidMessage), invalid.to_string())
+        })?;
+        let session =
+            self.gateway.create_session(&command, &self.urls).await.map_err(call_failure)?;
         let body = command.session_created(&session.id);
         let properties = event_properties(
             format!("{}:{}", self.topology.routing_keys.session_created, command.trip_id),
             incoming,
         );
-        match self
-            .publish(
-                &self.topology.exchanges.trip,
-                &self.topology.routing_keys.session_created,
-                &body,
-                properties,
-            )
-            .await
-        {
+        let routing_key = &self.topology.routing_keys.session_created;
+        match self.publish(&self.topology.exchanges.trip, routing_key, &body, properties).await {
             Ok(()) => {
                 info!(outcome = "succeeded", session_id = %session.id, replayed = session.replayed, "session created, event published");
                 Ok(())
             }
-            Err(e) => {
-                if e.is_channel_failure() {
-                    Err(Failure::Channel(e.to_string()))
-                } else {
-                    Err(Failure::Transient(format!(
-                        "publishing {}: {e}",
-                        self.topology.routing_keys.session_created
-                    )))
-                }
-            }
+            Err(e) if e.is_channel_failure() => Err(Failure::new(Class::Channel, e.to_string())),
+            Err(e) => Err(Failure::new(Class::Transient, format!("publishing {routing_key}: {e}"))),
         }
     }
 
-    /// Publishes the parked copy.
-    async fn park(
+    /// Carries out `action`: publishes the replacement it calls for. `Err` when the broker
+    /// refused the replacement.
+    async fn execute(
         &self,
         delivery: &Delivery,
+        action: &Action,
         failed: &FailedAttempt<'_>,
-        reason: ParkReason,
-    ) -> Outcome {
-        let properties = failed.parked_properties(&delivery.properties, reason);
-        match self.publish("", &self.topology.parking.queue, &delivery.data, properties).await {
-            Ok(()) => {
-                warn!(outcome = "parked", reason = reason.as_str(), error = %failed.error, "message parked");
-                Outcome::Parked(reason)
+    ) -> Result<Outcome, Failure> {
+        let original = &delivery.properties;
+        let (exchange, routing_key, properties, outcome, refused) = match action {
+            Action::Ack => return Ok(Outcome::Succeeded),
+            Action::Requeue => return Ok(Outcome::Requeued),
+            Action::Abandon => {
+                warn!(error = %failed.error, "publish channel failed; the broker will redeliver");
+                return Ok(Outcome::Abandoned);
             }
-            Err(e) => {
-                if e.is_channel_failure() {
-                    Outcome::Abandoned
-                } else {
-                    error!(outcome = "requeued", reason = reason.as_str(), error = %e, "the parking queue refused the message; handing it back");
-                    Outcome::Requeued
+            Action::Retry(delay) => (
+                self.topology.retry.exchange.as_str(),
+                delay.label(),
+                failed.retry_properties(original, delay.label(), delay.millis()),
+                Outcome::Retried,
+                Class::RetryRefused,
+            ),
+            Action::Park(reason) => (
+                "",
+                self.topology.parking.queue.as_str(),
+                failed.parked_properties(original, *reason),
+                Outcome::Parked(*reason),
+                Class::ParkRefused,
+            ),
+            Action::Defer => (
+                "",
+                self.topology.work_queue.name.as_str(),
+                failed.deferred_properties(original),
+                Outcome::Deferred,
+                Class::DeferRefused,
+            ),
+        };
+        match self.publish(exchange, routing_key, &delivery.data, properties).await {
+            Ok(()) => {
+                match outcome {
+                    Outcome::Retried => {
+                        info!(outcome = "retried", tier = routing_key, error = %failed.error, "attempt failed, retry scheduled in the broker")
+                    }
+                    Outcome::Parked(reason) => {
+                        warn!(outcome = "parked", reason = reason.as_str(), error = %failed.error, "message parked")
+                    }
+                    _ => {
+                        debug!(outcome = "deferred", error = %failed.error, "Stripe is the problem: back to the work queue, no attempt spent")
+                    }
                 }
+                Ok(outcome)
+            }
+            Err(e) if e.is_channel_failure() => Ok(Outcome::Abandoned),
+            Err(e) => {
+                if matches!(refused, Class::ParkRefused | Class::DeferRefused) {
+                    error!(outcome = "requeued", error = %e, "the broker refused the replacement; handing the message back");
+                }
+                Err(Failure::new(
+                    refused,
+                    format!("{}; the {} copy was refused: {e}", failed.error, outcome.as_str()),
+                ))
             }
         }
     }
@@ -494,7 +671,7 @@ impl Handler {
     /// Acks once the replacement is confirmed, or hands the message back.
     async fn settle(&self, delivery: &Delivery, outcome: Outcome) {
         match outcome {
-            Outcome::Succeeded | Outcome::Retried | Outcome::Parked(_) => {
+            Outcome::Succeeded | Outcome::Retried | Outcome::Parked(_) | Outcome::Deferred => {
                 if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                     // The replacement is already confirmed; the broker redelivers the original
                     // and idempotency makes the second pass harmless.
@@ -528,17 +705,24 @@ impl Handler {
     }
 }
 
-fn stripe_failure(error: StripeError) -> Failure {
-    let text = error.to_string();
-    if error.is_transient() {
-        Failure::Transient(text)
-    } else if error.is_idempotency_conflict() {
-        Failure::Permanent(ParkReason::IdempotencyConflict, text)
-    } else if matches!(error, StripeError::BadResponse(_)) {
-        Failure::Permanent(ParkReason::StripeBadResponse, text)
-    } else {
-        Failure::Permanent(ParkReason::StripeRejected, text)
-    }
+/// The class of a failed Stripe call.
+fn call_failure(error: CallError) -> Failure {
+    let CallError::Stripe { error, spread } = error else {
+        return Failure::new(Class::CircuitOpen, error.to_string());
+    };
+    let class = match error.signal() {
+        Signal::Throttled => Class::RateLimited,
+        Signal::Failed => Class::StripeWide(spread),
+        Signal::Answered if error.is_transient() => Class::Transient,
+        Signal::Answered if error.is_idempotency_conflict() => {
+            Class::Permanent(ParkReason::IdempotencyConflict)
+        }
+        Signal::Answered if matches!(error, StripeError::BadResponse(_)) => {
+            Class::Permanent(ParkReason::StripeBadResponse)
+        }
+        Signal::Answered => Class::Permanent(ParkReason::StripeRejected),
+    };
+    Failure::new(class, error.to_string())
 }
 
 /// Properties of an event published on behalf of `incoming`: persistent JSON with a

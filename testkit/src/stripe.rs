@@ -5,7 +5,9 @@
 //! when the parameters are the same, and is a 400 `idempotency_error` when they differ;
 //! validation failures, 429s, dropped connections and answers marked
 //! `Stripe-Should-Retry: true` are not saved; a 500 after execution began is saved and
-//! replayed. Failures are scripted per trip (read from `metadata[trip_id]`).
+//! replayed. Failures are scripted per trip (read from `metadata[trip_id]`), or Stripe-wide:
+//! an outage switch (503s, dropped connections, hangs) and a requests-per-second limit
+//! answering 429 as Stripe does, decided before the idempotency layer.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -43,6 +45,17 @@ impl Behaviour {
         Self::Fail { status: 503, kind: "api_error", saved: false, should_retry: Some(true) }
     }
 
+    /// A 409: another request with the same key is in flight. A failure of this payment that
+    /// may pass, not of Stripe as a whole.
+    pub fn conflict() -> Self {
+        Self::Fail {
+            status: 409,
+            kind: "idempotency_error",
+            saved: false,
+            should_retry: Some(true),
+        }
+    }
+
     /// A 429 rate limit: never saved.
     pub fn rate_limited() -> Self {
         Self::Fail { status: 429, kind: "rate_limit_error", saved: false, should_retry: None }
@@ -57,6 +70,17 @@ impl Behaviour {
     pub fn invalid_request() -> Self {
         Self::Fail { status: 400, kind: "invalid_request_error", saved: true, should_retry: None }
     }
+}
+
+/// A Stripe-wide outage: every request fails this way, before anything else is looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// 503 `api_error` with `Stripe-Should-Retry: true`.
+    Unavailable,
+    /// The connection is closed without an answer.
+    Dropped,
+    /// No answer for this long (longer than the client waits), then a 503.
+    Hang(Duration),
 }
 
 /// One request as the stand-in saw it.
@@ -98,6 +122,9 @@ struct State {
     /// Unscripted requests fail with this probability, at most `max_per_trip` times per trip.
     random: Option<RandomFailures>,
     random_failures: HashMap<String, u32>,
+    outage: Option<Outage>,
+    /// Requests a second allowed, and when the requests of the last second were let through.
+    rate_limit: Option<(usize, VecDeque<Instant>)>,
 }
 
 /// Failures for unscripted trips, drawn at random.
@@ -171,6 +198,17 @@ impl StripeStandin {
         self.lock().random = Some(random);
     }
 
+    /// Starts (`Some`) or ends (`None`) a Stripe-wide outage.
+    pub fn set_outage(&self, outage: Option<Outage>) {
+        self.lock().outage = outage;
+    }
+
+    /// Allows at most `per_second` requests in any second (`None`: no limit); the others are
+    /// answered 429 `rate_limit`, as Stripe does, and not saved under their idempotency key.
+    pub fn set_rate_limit(&self, per_second: Option<usize>) {
+        self.lock().rate_limit = per_second.map(|n| (n, VecDeque::new()));
+    }
+
     /// Sessions created so far.
     pub fn created(&self) -> Vec<Created> {
         self.lock().created.clone()
@@ -232,6 +270,21 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
         tokio::time::sleep(delay).await;
     }
 
+    let outage = lock().outage;
+    match outage {
+        None => {}
+        Some(Outage::Dropped) => {
+            record(0, false);
+            return Err(std::io::Error::other("outage: connection dropped"));
+        }
+        Some(Outage::Unavailable | Outage::Hang(_)) => {
+            if let Some(Outage::Hang(wait)) = outage {
+                tokio::time::sleep(wait).await;
+            }
+            record(503, false);
+            return Ok(error(503, "api_error", None, "outage", Some(true)));
+        }
+    }
     if !authorized {
         record(401, false);
         return Ok(error(401, "invalid_request_error", None, "Invalid API Key provided", None));
@@ -239,6 +292,16 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
     if !route_ok {
         record(404, false);
         return Ok(error(404, "invalid_request_error", None, "Unrecognized request URL", None));
+    }
+    if rate_limited(&mut lock()) {
+        record(429, false);
+        return Ok(error(
+            429,
+            "invalid_request_error",
+            Some("rate_limit"),
+            "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+            None,
+        ));
     }
     if !form {
         record(400, false);
@@ -322,6 +385,20 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
             Ok(json(200, body, false, None))
         }
     }
+}
+
+/// Whether a request now is over the limit; counts it when it is not.
+fn rate_limited(state: &mut State) -> bool {
+    let Some((per_second, recent)) = &mut state.rate_limit else { return false };
+    let now = Instant::now();
+    while recent.front().is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(1)) {
+        recent.pop_front();
+    }
+    if recent.len() >= *per_second {
+        return true;
+    }
+    recent.push_back(now);
+    false
 }
 
 fn random_behaviour(state: &mut State, trip_id: &str) -> Behaviour {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::Duration;
 
 use clap::Parser;
@@ -12,6 +13,7 @@ use testkit::amqp::Client;
 use testkit::stripe::{SECRET_KEY, StripeStandin};
 use testkit::vhost::Vhost;
 use testkit::{eventually, http_get};
+use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -107,6 +109,45 @@ impl World {
         wait_ready(worker.http).await;
         worker
     }
+}
+
+/// Starts the real binary as a "pod" on this world and waits until it is ready; returns it
+/// with its HTTP address.
+pub async fn spawn_binary(world: &World, extra: &[&str]) -> (Child, SocketAddr) {
+    let http = testkit::free_loopback_addr();
+    let http_arg = http.to_string();
+    let mut flags = vec!["--http-addr", http_arg.as_str()];
+    flags.extend_from_slice(extra);
+    let args = world.args(&flags);
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"))
+        .args(&args[1..])
+        .env("LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the worker binary");
+    wait_ready(http).await;
+    (child, http)
+}
+
+/// The value of one sample (`name` with its labels, as exported) of a worker's metrics; 0 when
+/// absent.
+pub async fn metric(http: SocketAddr, sample: &str) -> f64 {
+    let (_, body) = http_get(http, "/metrics").await.unwrap_or_default();
+    body.lines()
+        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The sum of every sample of the metric `name` with the label `label` (`key="value"`).
+pub async fn metric_sum(http: SocketAddr, name: &str, label: &str) -> f64 {
+    let (_, body) = http_get(http, "/metrics").await.unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 pub async fn wait_ready(http: SocketAddr) {

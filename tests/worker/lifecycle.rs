@@ -1,13 +1,11 @@
 //! Stopping: a graceful stop finishes in-flight work; a killed process loses nothing.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
-use tokio::process::{Child, Command};
 
-use crate::helpers::{EVENTS, WORK, World, wait_ready};
+use crate::helpers::{EVENTS, WORK, World, spawn_binary};
 
 #[tokio::test]
 async fn a_graceful_stop_finishes_in_flight_work_and_redelivers_nothing() {
@@ -31,25 +29,6 @@ async fn a_graceful_stop_finishes_in_flight_work_and_redelivers_nothing() {
     assert_eq!(world.stripe.created().len(), 5);
 }
 
-/// Starts the real binary as a "pod" and waits until it is ready.
-async fn spawn_binary(world: &World, extra: &[&str]) -> Child {
-    let http = testkit::free_loopback_addr();
-    let http_arg = http.to_string();
-    let mut flags = vec!["--http-addr", http_arg.as_str()];
-    flags.extend_from_slice(extra);
-    let args = world.args(&flags);
-    let child = Command::new(env!("CARGO_BIN_EXE_payment-worker"))
-        .args(&args[1..])
-        .env("LOG_FORMAT", "text")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
-    wait_ready(http).await;
-    child
-}
-
 #[tokio::test]
 async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     let world = World::new("killed").await;
@@ -60,7 +39,7 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     std::fs::write(&profile, text).unwrap();
     let profile_arg = profile.to_str().unwrap().to_owned();
     world.stripe.script("k-1", [Behaviour::unavailable()]);
-    let mut first = spawn_binary(&world, &["--topology", &profile_arg]).await;
+    let (mut first, _) = spawn_binary(&world, &["--topology", &profile_arg]).await;
     world.client.send_command(&command("k-1", "u", 100.0, "USD")).await;
 
     // Once the retry copy sits in the wait queue and the original is acked, kill the worker
@@ -85,7 +64,7 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     assert!(world.client.take(EVENTS, 1, Duration::from_millis(100)).await.is_empty());
 
     // The retry survives in the broker; a new worker completes the trip once.
-    let mut second = spawn_binary(&world, &["--topology", &profile_arg]).await;
+    let (mut second, _) = spawn_binary(&world, &["--topology", &profile_arg]).await;
     let events = world.client.take(EVENTS, 1, Duration::from_secs(20)).await;
     assert_eq!(events.len(), 1);
     assert_eq!(world.stripe.created_for("k-1").len(), 1, "one Stripe session");

@@ -2,6 +2,7 @@
 
 mod config;
 mod contract;
+mod flow;
 mod helpers;
 mod invalid;
 mod lifecycle;

@@ -7,14 +7,10 @@ use testkit::proxy::FaultProxy;
 use testkit::stripe::Behaviour;
 use testkit::{eventually, http_get};
 
-use crate::helpers::{EVENTS, RunningWorker, WORK, World};
+use crate::helpers::{self, EVENTS, RunningWorker, WORK, World};
 
 async fn metric(worker: &RunningWorker, name: &str) -> f64 {
-    let (_, body) = http_get(worker.http, "/metrics").await.unwrap();
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    helpers::metric(worker.http, name).await
 }
 
 async fn ready(worker: &RunningWorker) -> bool {

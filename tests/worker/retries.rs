@@ -19,13 +19,16 @@ fn assert_between(elapsed: Duration, low: f64, high: f64, what: &str) {
 #[tokio::test]
 async fn one_two_and_three_transient_failures_succeed_after_their_delays() {
     let world = World::new("transient").await;
+    // Stripe-wide failures (503, dropped connections, 502) of one payment at a time, among
+    // failures of single payments (409, 424): each spends an attempt. (Several payments failing
+    // Stripe-wide at once is an outage: see flow.rs.)
     world.stripe.script("fail-1", [Behaviour::unavailable()]);
-    world.stripe.script("fail-2", [Behaviour::rate_limited(), Behaviour::Drop]);
+    world.stripe.script("fail-2", [Behaviour::conflict(), Behaviour::Drop]);
     world.stripe.script(
         "fail-3",
         [
-            Behaviour::Drop,
-            Behaviour::unavailable(),
+            Behaviour::conflict(),
+            Behaviour::Fail { status: 424, kind: "api_error", saved: false, should_retry: None },
             Behaviour::Fail { status: 502, kind: "api_error", saved: false, should_retry: None },
         ],
     );
@@ -112,7 +115,9 @@ async fn a_fourth_failure_parks_the_original_body() {
 async fn a_short_retry_is_not_held_up_by_a_long_one() {
     let world = World::new("head-of-line").await;
     world.stripe.script("slow-lane", std::iter::repeat_n(Behaviour::unavailable(), 3));
-    world.stripe.script("fast-lane", [Behaviour::unavailable()]);
+    // A failure of this payment alone: right after slow-lane's 503, another 503 would look
+    // like an outage starting, and be deferred rather than retried.
+    world.stripe.script("fast-lane", [Behaviour::conflict()]);
     let worker = world.start_worker(&[]).await;
 
     world.client.send_command(&command("slow-lane", "u", 100.0, "USD")).await;

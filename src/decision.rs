@@ -1,0 +1,154 @@
+//! What happens to a delivery: one pure function from what went wrong, the attempt number and
+//! the retry schedule to one action. The handler in [`crate::worker`] only carries it out.
+//!
+//! | what went wrong | action |
+//! |---|---|
+//! | nothing | ack (the event is confirmed) |
+//! | the message or Stripe's answer is wrong for good | park with the reason |
+//! | a failure of this payment that may pass (409, 424, an event publish refused), or an isolated Stripe-wide failure | retry in the next tier, an attempt spent; park as `retries_exhausted` after the last |
+//! | a Stripe-wide failure among others, or as the circuit opens | defer: back to the work queue, no attempt spent |
+//! | a 429 | defer |
+//! | the circuit is open (no call made) | defer |
+//! | the retry copy was refused | park as `retry_unroutable` |
+//! | the parked or deferred copy was refused | requeue (nack) after a pause |
+//! | the channel failed | abandon: the broker redelivers |
+//!
+//! "Defer" is how an outage or a rate limit costs a payment nothing: a copy with the same
+//! attempt count goes to the back of the work queue, confirmed before the ack, where it waits
+//! while the circuit is open (the consumer is cancelled) or is paced when it comes round.
+
+use crate::breaker::Spread;
+use crate::retry::ParkReason;
+use crate::topology::Delay;
+
+/// Why an attempt, or the publish of its replacement, did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Wrong for good: the message, or Stripe's answer about it.
+    Permanent(ParkReason),
+    /// This payment failed in a way that may pass.
+    Transient,
+    /// Stripe failed as a whole (timeout, connection, 5xx); `Spread` says whether alone.
+    StripeWide(Spread),
+    /// Stripe answered 429.
+    RateLimited,
+    /// The circuit breaker is open: Stripe was not called.
+    CircuitOpen,
+    /// The broker refused the retry copy.
+    RetryRefused,
+    /// The broker refused the parked copy.
+    ParkRefused,
+    /// The broker refused the deferred copy.
+    DeferRefused,
+    /// The channel or connection failed: nothing more can be published or acked.
+    Channel,
+}
+
+/// What to do with the delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Success: ack.
+    Ack,
+    /// Publish a retry copy into the wait queue of this delay, then ack.
+    Retry(Delay),
+    /// Publish a copy with the attempt count unchanged to the work queue, then ack.
+    Defer,
+    /// Publish a parked copy, then ack.
+    Park(ParkReason),
+    /// Nack with requeue after a pause.
+    Requeue,
+    /// Do nothing; the broker redelivers when the session ends.
+    Abandon,
+}
+
+/// The action for attempt number `attempt` (1-based) that ended with `failure` (`None`: it
+/// succeeded), under a schedule of `delays` (one per retry: `delays.len() + 1` attempts).
+pub fn decide(attempt: u32, failure: Option<Class>, delays: &[Delay]) -> Action {
+    let Some(class) = failure else { return Action::Ack };
+    match class {
+        Class::Permanent(reason) => Action::Park(reason),
+        Class::Transient | Class::StripeWide(Spread::Isolated) => {
+            let next = usize::try_from(attempt).ok().and_then(|a| a.checked_sub(1));
+            match next.and_then(|i| delays.get(i)) {
+                Some(delay) => Action::Retry(delay.clone()),
+                None => Action::Park(ParkReason::RetriesExhausted),
+            }
+        }
+        Class::StripeWide(Spread::Widespread) | Class::RateLimited | Class::CircuitOpen => {
+            Action::Defer
+        }
+        Class::RetryRefused => Action::Park(ParkReason::RetryUnroutable),
+        Class::ParkRefused | Class::DeferRefused => Action::Requeue,
+        Class::Channel => Action::Abandon,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delays() -> Vec<Delay> {
+        ["1s", "2s", "4s"].iter().map(|d| Delay::try_from((*d).to_owned()).unwrap()).collect()
+    }
+
+    fn retry(label: &str) -> Action {
+        Action::Retry(Delay::try_from(label.to_owned()).unwrap())
+    }
+
+    #[test]
+    fn every_row_of_the_table() {
+        use Action::*;
+        use ParkReason::*;
+        let isolated = Class::StripeWide(Spread::Isolated);
+        let widespread = Class::StripeWide(Spread::Widespread);
+        let rows: Vec<(u32, Option<Class>, Action)> = vec![
+            (1, None, Ack),
+            (4, None, Ack),
+            (1, Some(Class::Permanent(InvalidMessage)), Park(InvalidMessage)),
+            (2, Some(Class::Permanent(StripeRejected)), Park(StripeRejected)),
+            (1, Some(Class::Permanent(IdempotencyConflict)), Park(IdempotencyConflict)),
+            (1, Some(Class::Permanent(StripeBadResponse)), Park(StripeBadResponse)),
+            (1, Some(Class::Permanent(UnexpectedRoutingKey)), Park(UnexpectedRoutingKey)),
+            (1, Some(Class::Transient), retry("1s")),
+            (2, Some(Class::Transient), retry("2s")),
+            (3, Some(Class::Transient), retry("4s")),
+            (4, Some(Class::Transient), Park(RetriesExhausted)),
+            (9, Some(Class::Transient), Park(RetriesExhausted)),
+            (1, Some(isolated), retry("1s")),
+            (3, Some(isolated), retry("4s")),
+            (4, Some(isolated), Park(RetriesExhausted)),
+            (1, Some(widespread), Defer),
+            (4, Some(widespread), Defer),
+            (1, Some(Class::RateLimited), Defer),
+            (4, Some(Class::RateLimited), Defer),
+            (1, Some(Class::CircuitOpen), Defer),
+            (4, Some(Class::CircuitOpen), Defer),
+            (1, Some(Class::RetryRefused), Park(RetryUnroutable)),
+            (1, Some(Class::ParkRefused), Requeue),
+            (1, Some(Class::DeferRefused), Requeue),
+            (1, Some(Class::Channel), Abandon),
+            (4, Some(Class::Channel), Abandon),
+        ];
+        for (attempt, class, expected) in rows {
+            assert_eq!(decide(attempt, class, &delays()), expected, "attempt {attempt}, {class:?}");
+        }
+    }
+
+    #[test]
+    fn the_schedule_sets_the_number_of_attempts() {
+        let long: Vec<Delay> = ["1s", "2s", "4s", "30s", "2m", "10m"]
+            .iter()
+            .map(|d| Delay::try_from((*d).to_owned()).unwrap())
+            .collect();
+        assert_eq!(decide(4, Some(Class::Transient), &long), retry("30s"));
+        assert_eq!(decide(6, Some(Class::Transient), &long), retry("10m"));
+        assert_eq!(
+            decide(7, Some(Class::Transient), &long),
+            Action::Park(ParkReason::RetriesExhausted)
+        );
+        assert_eq!(
+            decide(0, Some(Class::Transient), &long),
+            Action::Park(ParkReason::RetriesExhausted)
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! Holding back, not giving up: Stripe outages and rate limits park nothing.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use testkit::amqp::{Client, Received, command, inner};
+use testkit::stripe::{Behaviour, Outage};
+
+use crate::helpers::{EVENTS, PARKED, World, metric, metric_sum, spawn_binary};
+
+fn trip_of(message: &Received) -> String {
+    inner(&message.body)["tripID"].as_str().unwrap().to_owned()
+}
+
+/// Every trip has exactly one Stripe session, and each of its events names it.
+fn assert_one_session_per_trip(world: &World, trips: &[String], events: &[Received]) {
+    for trip in trips {
+        let created = world.stripe.created_for(trip);
+        assert_eq!(created.len(), 1, "{trip}: exactly one session");
+        for event in events.iter().filter(|e| &trip_of(e) == trip) {
+            assert_eq!(inner(&event.body)["sessionID"], created[0].id.as_str(), "{trip}");
+        }
+    }
+}
+
+fn distinct_trips(events: &[Received]) -> BTreeSet<String> {
+    events.iter().map(trip_of).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_second_outage_parks_nothing_and_the_backlog_completes_after_it() {
+    let world = World::new("outage").await;
+    let worker = world.start_worker(&["--stripe-timeout", "1s"]).await;
+    // Four payments a second for 40 s: 5 s healthy, 30 s down (10 s of 503s, 10 s of dropped
+    // connections, 10 s without an answer), 5 s healthy again.
+    let trips: Vec<String> = (0..160).map(|i| format!("outage-{i:03}")).collect();
+    let publisher = {
+        let (uri, trips) = (world.vhost.uri(), trips.clone());
+        tokio::spawn(async move {
+            let client = Client::connect(&uri).await;
+            for trip in trips {
+                client.send_command(&command(&trip, "u", 1500.0, "USD")).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let down = Instant::now();
+    for outage in [Outage::Unavailable, Outage::Dropped, Outage::Hang(Duration::from_secs(3))] {
+        world.stripe.set_outage(Some(outage));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    world.stripe.set_outage(None);
+    let up = Instant::now();
+    let opened =
+        metric(worker.http, r#"payment_worker_stripe_circuit_transitions_total{to="open"}"#).await;
+    publisher.await.unwrap();
+
+    let mut events = world.client.take(EVENTS, trips.len(), Duration::from_secs(25)).await;
+    let done = events.iter().map(|e| e.at).max().unwrap();
+    events.extend(world.client.take(EVENTS, usize::MAX, Duration::from_millis(500)).await);
+    let calls_while_down = world
+        .stripe
+        .seen()
+        .iter()
+        .filter(|s| s.at > down + Duration::from_secs(1) && s.at < up)
+        .count();
+    println!(
+        "outage: {} trips, circuit opened {opened} times, {calls_while_down} Stripe calls in \
+         the 29 s down, all done {:.1} s after Stripe's return",
+        trips.len(),
+        done.saturating_duration_since(up).as_secs_f64()
+    );
+    assert!(opened >= 1.0, "the circuit opened");
+    assert_eq!(distinct_trips(&events).len(), trips.len(), "every payment completed");
+    assert!(done < up + Duration::from_secs(20), "all done within 20 s of Stripe's return");
+    assert_one_session_per_trip(&world, &trips, &events);
+    assert_eq!(world.client.depth(PARKED).await, 0, "nothing parked");
+    assert!(
+        calls_while_down <= 2 * 29,
+        "{calls_while_down} calls to a Stripe that was down: at most 2 a second"
+    );
+    assert!(
+        metric_sum(worker.http, "payment_worker_commands_total", r#"outcome="deferred""#).await
+            > 0.0,
+        "deliveries were deferred, not retried"
+    );
+    assert_eq!(
+        metric(worker.http, r#"payment_worker_stripe_circuit_state{state="closed"}"#).await,
+        1.0,
+        "closed again"
+    );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_hundred_payments_against_a_25_per_second_limit_park_nothing() {
+    let world = World::new("rate-limit").await;
+    world.stripe.set_rate_limit(Some(25));
+    let trips: Vec<String> = (0..600).map(|i| format!("burst-{i:03}")).collect();
+    // The topology exists before the burst: a first worker declares it, then stops.
+    world.start_worker(&[]).await.stop().await.unwrap();
+    for trip in &trips {
+        world.client.send_command(&command(trip, "u", 1500.0, "USD")).await;
+    }
+    let started = Instant::now();
+    let first = world.start_worker(&["--prefetch", "32"]).await;
+    let second = world.start_worker(&["--prefetch", "32"]).await;
+
+    let events = world.client.take(EVENTS, trips.len(), Duration::from_secs(60)).await;
+    let elapsed = events.iter().map(|e| e.at).max().unwrap() - started;
+    let seen = world.stripe.seen();
+    let limited = seen.iter().filter(|s| s.status == 429).count();
+    let share = limited as f64 / seen.len() as f64;
+    println!(
+        "rate limit: {} payments in {:.1} s ({:.1}/s against 25/s), {limited} of {} calls \
+         answered 429 ({:.1}%)",
+        events.len(),
+        elapsed.as_secs_f64(),
+        events.len() as f64 / elapsed.as_secs_f64(),
+        seen.len(),
+        share * 100.0
+    );
+    assert_eq!(distinct_trips(&events).len(), trips.len(), "every payment completed");
+    assert_eq!(world.client.depth(PARKED).await, 0, "nothing parked");
+    assert!(elapsed.as_secs_f64() <= 1.4 * 600.0 / 25.0, "done within 1.4 x 600/25 s");
+    assert!(share < 0.3, "429s are under 30% of calls");
+    assert_one_session_per_trip(&world, &trips, &events);
+    first.stop().await.unwrap();
+    second.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn failures_of_single_payments_never_open_the_circuit() {
+    let world = World::new("per-payment").await;
+    let trips: Vec<String> = (0..50).map(|i| format!("single-{i:02}")).collect();
+    // One trip in five fails its first call with a 503; one fails every call.
+    for trip in trips.iter().step_by(5) {
+        world.stripe.script(trip, [Behaviour::unavailable()]);
+    }
+    world.stripe.script("always-failing", std::iter::repeat_n(Behaviour::unavailable(), 20));
+    let worker = world.start_worker(&[]).await;
+    for trip in trips.iter().chain(["always-failing".to_owned()].iter()) {
+        world.client.send_command(&command(trip, "u", 1500.0, "USD")).await;
+    }
+
+    let events = world.client.take(EVENTS, trips.len(), Duration::from_secs(20)).await;
+    assert_eq!(distinct_trips(&events).len(), trips.len());
+    assert_one_session_per_trip(&world, &trips, &events);
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(15)).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(trip_of(&parked[0]), "always-failing");
+    assert_eq!(
+        parked[0].header_string("payment-park-reason").as_deref(),
+        Some("retries_exhausted")
+    );
+    assert_eq!(parked[0].header_int("payment-attempt"), Some(4), "four attempts, as ever");
+    assert_eq!(world.stripe.seen_for("always-failing").len(), 4);
+    assert_eq!(
+        metric(worker.http, r#"payment_worker_stripe_circuit_transitions_total{to="open"}"#).await,
+        0.0,
+        "the circuit never opened"
+    );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_killed_while_its_circuit_is_open_loses_nothing() {
+    let world = World::new("open-kill").await;
+    world.stripe.set_outage(Some(Outage::Unavailable));
+    let (mut first, http) = spawn_binary(&world, &[]).await;
+    let trips: Vec<String> = (0..10).map(|i| format!("held-{i}")).collect();
+    for trip in &trips {
+        world.client.send_command(&command(trip, "u", 1500.0, "USD")).await;
+    }
+    let open = r#"payment_worker_stripe_circuit_state{state="open"}"#;
+    let opened = testkit::eventually(Duration::from_secs(10), || async {
+        (metric(http, open).await == 1.0).then_some(())
+    })
+    .await;
+    assert!(opened.is_some(), "the circuit opened");
+    first.start_kill().expect("SIGKILL");
+    first.wait().await.expect("reaped");
+
+    // The replacement starts closed, and opens on its own first failures.
+    let (mut second, http) = spawn_binary(&world, &[]).await;
+    let transitions = r#"payment_worker_stripe_circuit_transitions_total{to="open"}"#;
+    let reopened = testkit::eventually(Duration::from_secs(10), || async {
+        (metric(http, transitions).await == 1.0).then_some(())
+    })
+    .await;
+    assert!(reopened.is_some(), "the replacement opened its circuit once, from closed");
+    world.stripe.set_outage(None);
+
+    let events = world.client.take(EVENTS, trips.len(), Duration::from_secs(30)).await;
+    assert_eq!(distinct_trips(&events).len(), trips.len(), "nothing lost");
+    assert_one_session_per_trip(&world, &trips, &events);
+    assert_eq!(world.client.depth(PARKED).await, 0, "nothing parked");
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+}
