@@ -61,12 +61,16 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     # Every worker setting is reachable: from the ConfigMap, or from the Secret.
     env_names = {e["name"] for e in container.get("env", [])}
     reachable = set(configmap["data"]) | env_names
-    optional = {"STRIPE_SUCCESS_URL", "STRIPE_CANCEL_URL"}  # derived from APP_URL unless set
+    # Derived from APP_URL unless set; no ceiling unless set.
+    optional = {"STRIPE_SUCCESS_URL", "STRIPE_CANCEL_URL", "STRIPE_MAX_RPS"}
     missing = settings - reachable - optional - SECRET_SETTINGS
     check(not missing, f"{name}: settings not reachable from values: {sorted(missing)}")
 
     # The mounted topology is the one the binary ships.
-    profile = "quorum" if name == "existing-secret-values" else "default"
+    profile = {"existing-secret-values": "quorum", "monitoring-values": "extended"}.get(name, "default")
+    max_rps = configmap["data"].get("STRIPE_MAX_RPS")
+    check(max_rps == ("12.5" if name == "monitoring-values" else None),
+          f"{name}: STRIPE_MAX_RPS is rendered exactly when stripe.rate.max is set ({max_rps!r})")
     shipped = (ROOT / "topology" / f"{profile}.toml").read_text()
     check(configmap["data"]["topology.toml"].strip() == shipped.strip(),
           f"{name}: the ConfigMap's topology is topology/{profile}.toml")

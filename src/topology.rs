@@ -17,6 +17,11 @@ use serde::{Deserialize, Serialize};
 /// The built-in default profile.
 pub const DEFAULT_PROFILE: &str = include_str!("../topology/default.toml");
 
+/// The longest retry schedule accepted (the delays added up). Stripe may prune an idempotency
+/// key once it is 24 hours old, after which a retry would create a second session; the other
+/// 12 hours are the margin for time spent waiting in the work queue (a backlog, an outage).
+pub const MAX_RETRY_SCHEDULE: Duration = Duration::from_secs(12 * 3600);
+
 /// A topology profile, as written in its file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -196,6 +201,15 @@ impl Topology {
             if !labels.insert(delay.label()) {
                 return Err(invalid(format!("retry delay {:?} is listed twice", delay.label())));
             }
+        }
+        let total: Duration = self.retry.delays.iter().map(Delay::duration).sum();
+        if total > MAX_RETRY_SCHEDULE {
+            return Err(invalid(format!(
+                "retry.delays add up to {}, more than {}: Stripe may forget a trip's \
+                 idempotency key after 24 hours, and a later retry would create a second session",
+                humantime::format_duration(total),
+                humantime::format_duration(MAX_RETRY_SCHEDULE)
+            )));
         }
         let plan = self.plan();
         let mut names = BTreeSet::new();
@@ -546,6 +560,23 @@ mod tests {
     }
 
     #[test]
+    fn the_extended_profile_adds_a_longer_tier_within_the_idempotency_window() {
+        let text = include_str!("../topology/extended.toml");
+        let extended = Topology::parse(text, "extended.toml").unwrap();
+        let default = Topology::load(None).unwrap();
+        assert_eq!(extended.max_attempts(), 7);
+        assert_eq!(extended.delay_after(6).unwrap().label(), "10m");
+        let total: Duration = extended.retry.delays.iter().map(Delay::duration).sum();
+        assert!(total < MAX_RETRY_SCHEDULE);
+        // The same queues as the default profile, plus three wait queues.
+        let names =
+            |t: &Topology| t.plan().queues.into_iter().map(|q| q.name).collect::<BTreeSet<_>>();
+        let added: Vec<String> = names(&extended).difference(&names(&default)).cloned().collect();
+        assert_eq!(added, ["payment_wait_10m", "payment_wait_2m", "payment_wait_30s"]);
+        assert!(names(&default).is_subset(&names(&extended)));
+    }
+
+    #[test]
     fn bad_profiles_fail_with_the_reason() {
         let base = DEFAULT_PROFILE;
         let cases = [
@@ -558,6 +589,7 @@ mod tests {
             ),
             (base.replace(r#"queue_type = "classic""#, r#"queue_type = "stream""#), "stream"),
             (base.replace("profile = ", "colour = "), "colour"),
+            (base.replace(r#"["1s", "2s", "4s"]"#, r#"["1s", "6h", "7h"]"#), "idempotency key"),
         ];
         for (text, expect) in cases {
             let err = Topology::parse(&text, "x.toml").unwrap_err().to_string();
