@@ -30,7 +30,7 @@ unit: broker tools
 	cargo test --workspace --locked -- --show-output
 
 ## The long chaos run (not part of `make test`). Size it with CHAOS_TRIPS, CHAOS_SECONDS,
-## CHAOS_KILLS, CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_PODS.
+## CHAOS_KILLS, CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_STRIPE_OUTAGES, CHAOS_PODS.
 chaos: broker
 	cargo test --release --locked --test chaos chaos_soak -- --ignored --nocapture
 

@@ -3,7 +3,8 @@
 //! than the absolute numbers on a shared machine. Results print as Markdown (BENCHMARKS.md).
 //!
 //! BENCH_RUNS (default 3) sets the number of runs per figure; BENCH_N the command count of the
-//! throughput runs (default 20000); BENCH_SECTIONS which sections run (default `1,2,3,4,5,6`).
+//! throughput runs (default 20000); BENCH_SECTIONS which sections run (default
+//! `1,2,3,4,5,6,7`).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -20,12 +21,16 @@ use payment_worker::contract::CreateSession;
 use payment_worker::stripe::{CheckoutUrls, StripeApi};
 use testkit::amqp::command;
 use testkit::node::RabbitNode;
-use testkit::stripe::{Behaviour, SECRET_KEY, StripeStandin};
+use testkit::stripe::{Behaviour, Outage, SECRET_KEY, StripeStandin};
 use testkit::vhost::Vhost;
 use tokio::process::{Child, Command};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_payment-worker");
 const EVENTS: &str = "notify_payment_session_created";
+/// For the sections that measure the worker itself against a stand-in without a rate limit:
+/// the adaptive Stripe rate starts high instead of at 10 a second (it would double each second
+/// and stop being the bottleneck after a few seconds anyway).
+const UNPACED: &[&str] = &["--stripe-initial-rps", "100000"];
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -55,7 +60,12 @@ struct Pod {
     http: std::net::SocketAddr,
 }
 
-async fn start_pod(uri: &str, stripe: Option<&StripeStandin>, prefetch: usize) -> (Pod, Duration) {
+async fn start_pod(
+    uri: &str,
+    stripe: Option<&StripeStandin>,
+    prefetch: usize,
+    extra: &[&str],
+) -> (Pod, Duration) {
     let http = testkit::free_loopback_addr();
     let mut command = Command::new(WORKER);
     command.args([
@@ -71,6 +81,7 @@ async fn start_pod(uri: &str, stripe: Option<&StripeStandin>, prefetch: usize) -
     if let Some(stripe) = stripe {
         command.args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &stripe.base_url()]);
     }
+    command.args(extra);
     let started = Instant::now();
     let child =
         command.stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true).spawn().unwrap();
@@ -172,7 +183,7 @@ async fn worker_throughput(n: usize, prefetch: usize, latency: Duration) -> (f64
     stripe.set_latency(latency);
     declare(&vhost.uri()).await;
     preload(&vhost.uri(), n, "w").await;
-    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), prefetch).await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), prefetch, UNPACED).await;
     let (cpu0, _, _) = usage(pod.child.id().unwrap());
     let start = Instant::now();
     let done = wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
@@ -306,13 +317,55 @@ async fn retry_comparison(n: usize) -> (f64, f64) {
         if go {
             go_style(&vhost.uri(), &stripe, n).await;
         } else {
-            let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16).await;
+            let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16, UNPACED).await;
             wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
             drop(pod);
         }
         out.push(start.elapsed().as_secs_f64());
     }
     (out[0], out[1])
+}
+
+/// Payments a second as a share of Stripe's limit, and the share of calls answered 429:
+/// `replicas` pods at prefetch 32 against a stand-in allowing `limit` requests a second, with
+/// `n` payments waiting in the work queue.
+async fn rate_limited_goodput(n: usize, replicas: usize, limit: usize) -> (f64, f64) {
+    let vhost = Vhost::new("bench-rate");
+    let stripe = StripeStandin::start().await;
+    stripe.set_rate_limit(Some(limit));
+    declare(&vhost.uri()).await;
+    preload(&vhost.uri(), n, "g").await;
+    let start = Instant::now();
+    let mut pods = Vec::new();
+    for _ in 0..replicas {
+        pods.push(start_pod(&vhost.uri(), Some(&stripe), 32, &[]).await.0);
+    }
+    let done = wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
+    let seen = stripe.seen();
+    let limited = seen.iter().filter(|s| s.status == 429).count();
+    let rate = n as f64 / done.duration_since(start).as_secs_f64();
+    (rate / limit as f64, limited as f64 / seen.len() as f64)
+}
+
+/// A 30 s outage (503s) with `n` payments arriving at its start, one pod, Stripe allowing 100
+/// requests a second (live mode): Stripe calls a second while down, and seconds from Stripe's
+/// return to the backlog drained.
+async fn outage_recovery(n: usize) -> (f64, f64) {
+    let vhost = Vhost::new("bench-outage");
+    let stripe = StripeStandin::start().await;
+    stripe.set_rate_limit(Some(100));
+    declare(&vhost.uri()).await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16, &[]).await;
+    stripe.set_outage(Some(Outage::Unavailable));
+    let down = Instant::now();
+    preload(&vhost.uri(), n, "o").await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(down.elapsed())).await;
+    let calls = stripe.seen().len();
+    stripe.set_outage(None);
+    let up = Instant::now();
+    let done = wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
+    drop(pod);
+    (calls as f64 / up.duration_since(down).as_secs_f64(), done.duration_since(up).as_secs_f64())
 }
 
 /// Per tier: the time between a trip's failed request and its next one, with all three tiers
@@ -322,10 +375,12 @@ async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
     let stripe = StripeStandin::start().await;
     for i in 0..per_tier * 3 {
         let failures = 1 + i % 3;
-        stripe.script(&format!("d-{i}"), std::iter::repeat_n(Behaviour::unavailable(), failures));
+        // Failures of single payments (409): a Stripe-wide failure of every payment would be
+        // an outage, deferred rather than retried.
+        stripe.script(&format!("d-{i}"), std::iter::repeat_n(Behaviour::conflict(), failures));
     }
     declare(&vhost.uri()).await;
-    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 64).await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 64, UNPACED).await;
     let client = testkit::amqp::Client::connect(&vhost.uri()).await;
     // Spread over 6 s, so the 1 s tier keeps working while 4 s retries wait.
     for i in 0..per_tier * 3 {
@@ -363,7 +418,7 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else is read from the command line.
     let runs = env_usize("BENCH_RUNS", 3);
-    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3,4,5,6".into());
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3,4,5,6,7".into());
     let section = |n: &str| sections.split(',').any(|s| s.trim() == n);
     let n = env_usize("BENCH_N", 20_000);
     println!("# payment-worker benchmarks\n");
@@ -469,7 +524,7 @@ async fn main() {
         let (mut idle, mut startup) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let vhost = Vhost::new("bench-res");
-            let (pod, ready_after) = start_pod(&vhost.uri(), None, 16).await;
+            let (pod, ready_after) = start_pod(&vhost.uri(), None, 16, &[]).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             idle.push(usage(pod.child.id().unwrap()).2);
             startup.push(ready_after.as_secs_f64() * 1000.0);
@@ -488,16 +543,16 @@ async fn main() {
         let (mut replace, mut broker) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let vhost = Vhost::new("bench-res");
-            let (mut pod, _) = start_pod(&vhost.uri(), None, 16).await;
+            let (mut pod, _) = start_pod(&vhost.uri(), None, 16, &[]).await;
             let killed = Instant::now();
             pod.child.start_kill().unwrap();
             let _ = pod.child.wait().await;
-            let (_replacement, _) = start_pod(&vhost.uri(), None, 16).await;
+            let (_replacement, _) = start_pod(&vhost.uri(), None, 16, &[]).await;
             replace.push(killed.elapsed().as_secs_f64() * 1000.0);
         }
         let node = RabbitNode::start("bench");
         for _ in 0..runs {
-            let (pod, _) = start_pod(&node.uri(), None, 16).await;
+            let (pod, _) = start_pod(&node.uri(), None, 16, &[]).await;
             tokio::task::block_in_place(|| node.kill_and_restart());
             let back = Instant::now();
             wait_ready(pod.http).await;
@@ -514,6 +569,42 @@ async fn main() {
             Stat::of(broker).show(" ms")
         );
     }
+
+    if section("7") {
+        flow_control(runs).await;
+    }
+}
+
+/// 7. Flow control in front of Stripe.
+async fn flow_control(runs: usize) {
+    println!("\n## 7. Flow control: Stripe's rate limit and outages\n");
+    println!(
+        "| pods (prefetch 32) | 750 payments against a 25/s limit: goodput, share of the limit | calls answered 429 |\n|---|---|---|"
+    );
+    for replicas in [1, 3] {
+        let (mut goodput, mut limited) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (share, rejected) = rate_limited_goodput(750, replicas, 25).await;
+            goodput.push(share * 100.0);
+            limited.push(rejected * 100.0);
+        }
+        println!(
+            "| {replicas} | {} | {} |",
+            Stat::of(goodput).show("%"),
+            Stat::of(limited).show("%")
+        );
+    }
+    let (mut down, mut drain) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (calls, seconds) = outage_recovery(1000).await;
+        down.push(calls);
+        drain.push(seconds);
+    }
+    println!(
+        "\n| 30 s outage, 1,000 payments waiting, 1 pod, Stripe allowing 100/s | value |\n|---|---|"
+    );
+    println!("| Stripe calls a second while down | {} |", Stat::of(down).show(""));
+    println!("| Stripe's return to the backlog drained | {} |", Stat::of(drain).show(" s"));
 }
 
 fn cpu_model() -> String {

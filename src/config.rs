@@ -420,11 +420,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// Requests per second: a finite number above zero, at most 10,000.
+/// Requests per second: a finite number above zero, at most 100,000.
 fn parse_rate(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 10_000.0 => Ok(rate),
-        _ => Err("must be a number of requests per second above 0 and at most 10000".into()),
+        Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 100_000.0 => Ok(rate),
+        _ => Err("must be a number of requests per second above 0 and at most 100000".into()),
     }
 }
 

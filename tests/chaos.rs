@@ -2,12 +2,13 @@
 //! RabbitMQ node of the suite's own, behind a fault proxy, with a Stripe stand-in that fails a
 //! share of calls. While trips flow, pods are SIGKILLed (preferably while retries wait in the
 //! wait queues) and replaced, one is stopped with SIGTERM, the broker is restarted
-//! (`stop_app`/`start_app`, and SIGKILL plus a cold start), and the workers' connections are
-//! cut and delayed. Then every trip is accounted for.
+//! (`stop_app`/`start_app`, and SIGKILL plus a cold start), the workers' connections are cut
+//! and delayed, and Stripe goes down for 10 s at a time (503s, then dropped connections). Then
+//! every trip is accounted for: nothing is parked but the trips scripted to fail for good.
 //!
 //! `chaos_bounded` runs in `make test`. `chaos_soak` is the long run (`make chaos`), sized by
 //! CHAOS_TRIPS, CHAOS_SECONDS (how long trips are published), CHAOS_KILLS,
-//! CHAOS_BROKER_RESTARTS, CHAOS_CUTS and CHAOS_PODS.
+//! CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_STRIPE_OUTAGES and CHAOS_PODS.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -24,7 +25,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use testkit::amqp::{command, inner};
 use testkit::node::RabbitNode;
 use testkit::proxy::FaultProxy;
-use testkit::stripe::{Behaviour, RandomFailures, SECRET_KEY, StripeStandin};
+use testkit::stripe::{Behaviour, Outage, RandomFailures, SECRET_KEY, StripeStandin};
 use tokio::process::{Child, Command};
 
 #[derive(Debug, Clone)]
@@ -34,7 +35,27 @@ struct Params {
     kills: usize,
     broker_restarts: usize,
     cuts: usize,
+    stripe_outages: usize,
     pods: usize,
+}
+
+/// One fault the suite injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL a pod (preferably while retries wait) and start a replacement.
+    Kill,
+    /// SIGTERM a pod under load; it must exit 0.
+    Sigterm,
+    /// SIGKILL the broker node and cold-start it.
+    BrokerKill,
+    /// `stop_app`/`start_app` on the broker node.
+    BrokerApp,
+    /// Cut every worker connection at the proxy.
+    Cut,
+    /// 200 ms of latency on every worker connection for 3 s.
+    Delay,
+    /// Stripe down for 10 s: 503s, then dropped connections.
+    StripeOutage,
 }
 
 impl Params {
@@ -51,6 +72,7 @@ impl Params {
             kills: get("CHAOS_KILLS", defaults.kills),
             broker_restarts: get("CHAOS_BROKER_RESTARTS", defaults.broker_restarts),
             cuts: get("CHAOS_CUTS", defaults.cuts),
+            stripe_outages: get("CHAOS_STRIPE_OUTAGES", defaults.stripe_outages),
             pods: get("CHAOS_PODS", defaults.pods),
         }
     }
@@ -64,6 +86,7 @@ async fn chaos_bounded() {
         kills: 3,
         broker_restarts: 2,
         cuts: 2,
+        stripe_outages: 1,
         pods: 2,
     })
     .await;
@@ -78,6 +101,7 @@ async fn chaos_soak() {
         kills: 20,
         broker_restarts: 3,
         cuts: 10,
+        stripe_outages: 3,
         pods: 3,
     });
     run(params).await;
@@ -293,21 +317,23 @@ async fn run(params: Params) {
     let observer = tokio::spawn(observe_events(uri.clone(), observed.clone()));
 
     // The faults, spread over the publishing window in a shuffled order.
-    let mut faults: Vec<&str> = Vec::new();
-    faults.extend(std::iter::repeat_n("kill", params.kills));
+    let mut faults: Vec<Fault> = Vec::new();
+    faults.extend(std::iter::repeat_n(Fault::Kill, params.kills));
     faults.extend(
-        (0..params.broker_restarts).map(|i| if i % 2 == 0 { "broker-kill" } else { "broker-app" }),
+        (0..params.broker_restarts)
+            .map(|i| if i % 2 == 0 { Fault::BrokerKill } else { Fault::BrokerApp }),
     );
-    faults.extend(std::iter::repeat_n("cut", params.cuts));
-    faults.push("sigterm");
-    faults.push("delay");
+    faults.extend(std::iter::repeat_n(Fault::Cut, params.cuts));
+    faults.extend(std::iter::repeat_n(Fault::StripeOutage, params.stripe_outages));
+    faults.push(Fault::Sigterm);
+    faults.push(Fault::Delay);
     shuffle(&mut faults);
     let gap = params.publish_for / u32::try_from(faults.len() + 1).unwrap();
-    let (mut kills, mut restarts, mut sigterms) = (0, 0, 0);
+    let (mut kills, mut restarts, mut sigterms, mut outages) = (0, 0, 0, 0);
     for fault in faults {
         tokio::time::sleep(gap).await;
         match fault {
-            "kill" => {
+            Fault::Kill => {
                 // Prefer a moment when retries wait in the broker.
                 let _ = testkit::eventually(Duration::from_secs(3), || async {
                     let mut waiting = 0;
@@ -324,7 +350,7 @@ async fn run(params: Params) {
                 kills += 1;
                 pods.push(harness.spawn_pod().await);
             }
-            "sigterm" => {
+            Fault::Sigterm => {
                 let mut pod = pods.remove(0);
                 let pid = pod.id().unwrap().to_string();
                 std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -336,23 +362,30 @@ async fn run(params: Params) {
                 sigterms += 1;
                 pods.push(harness.spawn_pod().await);
             }
-            "broker-kill" => {
+            Fault::BrokerKill => {
                 let node = &harness.node;
                 tokio::task::block_in_place(|| node.kill_and_restart());
                 restarts += 1;
             }
-            "broker-app" => {
+            Fault::BrokerApp => {
                 let node = &harness.node;
                 tokio::task::block_in_place(|| node.restart_app(Duration::from_secs(2)));
                 restarts += 1;
             }
-            "cut" => harness.proxy.cut_all(),
-            "delay" => {
+            Fault::Cut => harness.proxy.cut_all(),
+            Fault::Delay => {
                 harness.proxy.set_delay(Duration::from_millis(200));
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 harness.proxy.set_delay(Duration::ZERO);
             }
-            _ => unreachable!(),
+            Fault::StripeOutage => {
+                harness.stripe.set_outage(Some(Outage::Unavailable));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                harness.stripe.set_outage(Some(Outage::Dropped));
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                harness.stripe.set_outage(None);
+                outages += 1;
+            }
         }
     }
     publisher.await.unwrap();
@@ -420,7 +453,7 @@ async fn run(params: Params) {
     };
 
     println!(
-        "chaos: trips={} pods={} kills={kills} sigterms={sigterms} broker_restarts={restarts} connection_cuts={} stripe_sessions={} duplicate_sessions={duplicate_sessions} lost={} duplicate_events={duplicate_events} parked={} p50={:.3}s p99={:.3}s wall={:.0}s",
+        "chaos: trips={} pods={} kills={kills} sigterms={sigterms} broker_restarts={restarts} connection_cuts={} stripe_outages={outages} stripe_sessions={} duplicate_sessions={duplicate_sessions} lost={} duplicate_events={duplicate_events} parked={} p50={:.3}s p99={:.3}s wall={:.0}s",
         trips.len(),
         params.pods,
         harness.proxy.cuts(),

@@ -179,6 +179,11 @@ async fn a_replica_killed_while_its_circuit_is_open_loses_nothing() {
     })
     .await;
     assert!(opened.is_some(), "the circuit opened");
+    assert_eq!(
+        testkit::http_get(http, "/readyz").await.map(|(status, _)| status),
+        Some(200),
+        "ready while the circuit is open: Stripe is down, not the pod"
+    );
     first.start_kill().expect("SIGKILL");
     first.wait().await.expect("reaped");
 

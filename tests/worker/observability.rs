@@ -10,14 +10,15 @@ use tokio::io::AsyncWriteExt;
 
 use crate::helpers::{EVENTS, PARKED, World};
 
-/// Handles one success, one retried success and one parked command.
+/// Handles one success, one retried success, one parked and one deferred command.
 async fn drive_every_outcome(world: &World) {
     world.stripe.script("o-retry", [Behaviour::unavailable()]);
     world.stripe.script("o-park", [Behaviour::invalid_request()]);
-    for trip in ["o-ok", "o-retry", "o-park"] {
+    world.stripe.script("o-defer", [Behaviour::rate_limited()]);
+    for trip in ["o-ok", "o-retry", "o-park", "o-defer"] {
         world.client.send_command(&command(trip, "u", 100.0, "USD")).await;
     }
-    assert_eq!(world.client.take(EVENTS, 2, Duration::from_secs(10)).await.len(), 2);
+    assert_eq!(world.client.take(EVENTS, 3, Duration::from_secs(10)).await.len(), 3);
     assert_eq!(world.client.take(PARKED, 1, Duration::from_secs(5)).await.len(), 1);
 }
 
@@ -39,13 +40,19 @@ async fn promtool_accepts_a_scrape_with_every_outcome() {
     let (status, scrape) = http_get(worker.http, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     for expected in [
-        r#"payment_worker_commands_total{attempt="1",outcome="succeeded",reason=""} 1"#,
+        r#"payment_worker_commands_total{attempt="1",outcome="succeeded",reason=""} 2"#,
+        r#"payment_worker_commands_total{attempt="1",outcome="deferred",reason=""} 1"#,
         r#"payment_worker_commands_total{attempt="1",outcome="retried",reason=""} 1"#,
         r#"payment_worker_commands_total{attempt="2",outcome="succeeded",reason=""} 1"#,
         r#"payment_worker_commands_total{attempt="1",outcome="parked",reason="stripe_rejected"} 1"#,
         r#"payment_worker_retry_delay_seconds_count{tier="1s"} 1"#,
         r#"payment_worker_stripe_requests_total{result="server_error"} 1"#,
-        r#"payment_worker_stripe_requests_total{result="created"} 2"#,
+        r#"payment_worker_stripe_requests_total{result="created"} 3"#,
+        r#"payment_worker_stripe_requests_total{result="rate_limited"} 1"#,
+        r#"payment_worker_stripe_circuit_state{state="closed"} 1"#,
+        r#"payment_worker_stripe_circuit_state{state="open"} 0"#,
+        "payment_worker_stripe_rate_limit ",
+        "payment_worker_stripe_requests_in_flight 0",
         r#"payment_worker_queue_messages{queue="payment_parked",role="parked"}"#,
         r#"payment_worker_retry_tier_seconds{tier="4s"} 4"#,
         "payment_worker_broker_connected 1",
@@ -107,9 +114,11 @@ async fn a_real_prometheus_scrapes_the_retry_counters() {
     })
     .await;
     assert!(scraped.is_some(), "Prometheus never scraped the worker");
+    // Failures of single payments: several payments failing Stripe-wide at once would be
+    // deferred as an outage, not retried.
     for i in 0..3 {
         let trip = format!("p-{i}");
-        world.stripe.script(&trip, [Behaviour::unavailable()]);
+        world.stripe.script(&trip, [Behaviour::conflict()]);
         world.client.send_command(&command(&trip, "u", 100.0, "USD")).await;
     }
     assert_eq!(world.client.take(EVENTS, 3, Duration::from_secs(10)).await.len(), 3);
