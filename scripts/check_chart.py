@@ -37,8 +37,13 @@ def helm_template(*args):
 
 # The routes the binary serves, read from its router.
 routes = set(re.findall(r'\.route\("([^"]+)"', (ROOT / "src/http.rs").read_text()))
-# Every setting the binary reads from the environment.
-settings = set(re.findall(r'env = "([A-Z_]+)"', (ROOT / "src/config.rs").read_text()))
+# Every setting the binary reads from the environment, wherever its clap attribute lives.
+settings = set()
+for source in sorted((ROOT / "src").rglob("*.rs")):
+    settings |= set(re.findall(r'env = "([A-Z_]+)"', source.read_text()))
+if len(settings) < 10:
+    sys.exit(f"check_chart.py: found only {sorted(settings)} as settings under src/; "
+             "the scan for `env = \"NAME\"` attributes is broken")
 SECRET_SETTINGS = {"RABBITMQ_URI", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_KEY"}
 
 for name in ["default-values", "existing-secret-values", "monitoring-values", "single-replica-values"]:

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::broker;
-use crate::config::{GlobalArgs, RunArgs};
+use crate::cli::GlobalArgs;
+use crate::config::{ConfigError, RunArgs};
 use crate::flow::FlowControl;
 use crate::health::Readiness;
 use crate::http::{HttpState, router};
@@ -25,8 +26,10 @@ use crate::worker::{Worker, WorkerError, WorkerSettings};
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot build the broker connection pool: {0}")]
+    Pool(String),
     #[error(transparent)]
     Topology(#[from] crate::topology::TopologyError),
     #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
@@ -53,26 +56,27 @@ impl App {
     /// On invalid settings (named in the message), an unreadable or invalid topology file,
     /// or an HTTP address that cannot be bound.
     pub async fn build(global: &GlobalArgs, args: &RunArgs) -> Result<Self, StartError> {
-        let uri = global.broker_uri().map_err(StartError::Config)?;
-        let topology = Arc::new(Topology::load(global.topology.as_deref())?);
+        let uri = global.broker_uri()?;
+        let topology = Arc::new(global.load_topology()?);
         let metrics = Arc::new(Metrics::new());
-        let breaker = args.breaker_settings().map_err(StartError::Config)?;
-        let pacer = args.pacer_settings().map_err(StartError::Config)?;
-        let gateway = match args.stripe_secret_key().map_err(StartError::Config)? {
+        let breaker = args.breaker_settings()?;
+        let pacer = args.pacer_settings()?;
+        let gateway = match args.stripe_secret_key()? {
             Some(secret) => Gateway::stripe(
-                StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout)
-                    .map_err(|e| StartError::Config(format!("invalid STRIPE_API_BASE: {e}")))?,
+                StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout).map_err(
+                    |reason| ConfigError::new("STRIPE_API_BASE", "stripe-api-base", reason),
+                )?,
                 FlowControl::new(breaker, pacer, metrics.clone()),
                 metrics.clone(),
             ),
             None => Gateway::mock(metrics.clone()),
         };
-        let webhook_secrets = args.webhook_secrets().map_err(StartError::Config)?;
+        let webhook_secrets = args.webhook_secrets()?;
         let listener = TcpListener::bind(args.http_addr)
             .await
             .map_err(|source| StartError::Bind { addr: args.http_addr, source })?;
         let readiness = Readiness::new(metrics.ready.clone());
-        let pool = broker::pool(&uri, "payment-worker", 2).map_err(StartError::Config)?;
+        let pool = broker::pool(&uri, "payment-worker", 2).map_err(StartError::Pool)?;
         if gateway.is_mock() {
             warn!(
                 "MOCK MODE: STRIPE_SECRET_KEY is unset, sessions are fake \

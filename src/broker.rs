@@ -73,6 +73,12 @@ pub fn validate_uri(uri: &str) -> Result<(), String> {
     })
 }
 
+/// Properties of every message payment-worker writes on its own: `application/json`,
+/// persistent (`delivery_mode: 2`), as the Go services write theirs.
+pub fn persistent_json() -> BasicProperties {
+    BasicProperties::default().with_content_type("application/json".into()).with_delivery_mode(2)
+}
+
 /// Why a publish was not confirmed.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {

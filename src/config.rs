@@ -1,11 +1,10 @@
-//! Command line and environment: every setting has a flag and an environment variable, and a
-//! default wherever one is safe. Bad values stop the program at start with the setting's name.
+//! The run settings: every setting has a flag and an environment variable, and a default
+//! wherever one is safe. Bad values stop the program at start with the setting's name.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Args;
 use secrecy::SecretString;
 
 use crate::breaker::BreakerSettings;
@@ -13,164 +12,25 @@ use crate::pacer::PacerSettings;
 use crate::stripe::{CheckoutUrls, STRIPE_API};
 use crate::worker::ReconnectPolicy;
 
-#[derive(Parser)]
-#[command(
-    name = "payment-worker",
-    version,
-    about = "Creates Stripe Checkout Sessions for trip commands from RabbitMQ, with retries that live in the broker"
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub global: GlobalArgs,
-    #[command(subcommand)]
-    pub command: Command,
+/// A setting with a value the worker cannot use. Printed as `invalid SETTING (--flag): reason`,
+/// never with the value itself (it may be a secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {setting} (--{flag}): {reason}")]
+pub struct ConfigError {
+    /// The environment variable.
+    pub setting: &'static str,
+    /// The flag, without its dashes.
+    pub flag: &'static str,
+    pub reason: String,
 }
 
-#[derive(Args, Clone)]
-pub struct GlobalArgs {
-    /// Broker URI, credentials included (never logged).
-    #[arg(
-        long,
-        env = "RABBITMQ_URI",
-        default_value = "amqp://guest:guest@rabbitmq:5672/%2f",
-        hide_env_values = true,
-        global = true
-    )]
-    rabbitmq_uri: String,
-
-    /// Topology profile file (see topology/); the built-in default profile when unset.
-    #[arg(long, env = "PAYMENT_TOPOLOGY", global = true)]
-    pub topology: Option<PathBuf>,
-
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Json, global = true)]
-    pub log_format: LogFormat,
+impl ConfigError {
+    pub fn new(setting: &'static str, flag: &'static str, reason: impl Into<String>) -> Self {
+        Self { setting, flag, reason: reason.into() }
+    }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable lines.
-    Text,
-}
-
-#[derive(Subcommand)]
-pub enum Command {
-    /// Run the worker: consume commands, create sessions, publish events.
-    #[command(args_override_self = true)]
-    Run(Box<RunArgs>),
-    /// Show the topology, or check a live broker against it.
-    #[command(subcommand)]
-    Topology(TopologyCommand),
-    /// Inspect, replay or purge parked messages.
-    #[command(subcommand)]
-    Parked(ParkedCommand),
-    /// Publish one `payment.cmd.create_session`, as trip-service would.
-    Send(SendArgs),
-}
-
-#[derive(Subcommand)]
-pub enum TopologyCommand {
-    /// Print the exchanges, queues, bindings and retry schedule the worker declares.
-    Show {
-        #[arg(long, value_enum, default_value_t = ShowFormat::Text)]
-        format: ShowFormat,
-        /// The vhost named in `--format definitions`.
-        #[arg(long, default_value = "/")]
-        vhost: String,
-    },
-    /// Compare a live broker with the topology without changing it; exits 1 on any
-    /// difference.
-    Check {
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ShowFormat {
-    /// For people.
-    Text,
-    /// RabbitMQ definitions JSON, for `rabbitmqctl import_definitions`.
-    Definitions,
-}
-
-#[derive(Args, Clone)]
-pub struct ParkedFilter {
-    /// Only this trip (repeatable).
-    #[arg(long = "trip")]
-    pub trips: Vec<String>,
-    /// Only messages parked for this reason (e.g. retries_exhausted).
-    #[arg(long)]
-    pub reason: Option<String>,
-    /// Every parked message.
-    #[arg(long)]
-    pub all: bool,
-    /// At most this many.
-    #[arg(long)]
-    pub limit: Option<usize>,
-}
-
-#[derive(Subcommand)]
-pub enum ParkedCommand {
-    /// List parked messages without consuming them.
-    List {
-        /// At most this many.
-        #[arg(long, default_value_t = 1000)]
-        limit: usize,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Move parked messages back to the work queue, attempt counter reset.
-    Replay {
-        #[command(flatten)]
-        filter: ParkedFilter,
-        /// Show what would be replayed; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Remove parked messages for good.
-    Purge {
-        #[command(flatten)]
-        filter: ParkedFilter,
-        /// Confirms the removal; without it nothing is removed.
-        #[arg(long)]
-        yes: bool,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Args, Clone)]
-pub struct SendArgs {
-    #[arg(long)]
-    pub trip_id: String,
-    #[arg(long)]
-    pub user_id: String,
-    #[arg(long, default_value = "")]
-    pub driver_id: String,
-    /// Amount in minor units (cents).
-    #[arg(long)]
-    pub amount_cents: i64,
-    #[arg(long, default_value = "USD")]
-    pub currency: String,
-    #[arg(long)]
-    pub package_slug: Option<String>,
-    /// A W3C traceparent to start the trace with.
-    #[arg(long)]
-    pub traceparent: Option<String>,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
+/// The settings of `payment-worker run`.
 #[derive(Args, Clone)]
 pub struct RunArgs {
     /// Stripe secret key. Unset: mock mode (fake `cs_test_mock_session_<trip>` sessions).
@@ -289,31 +149,20 @@ pub struct RunArgs {
     pub queue_depth_interval: Duration,
 }
 
-impl GlobalArgs {
-    /// The broker URI, checked. Validated here rather than by clap, whose error messages
-    /// quote the rejected value (and with it the password).
-    ///
-    /// # Errors
-    /// A message naming RABBITMQ_URI, without the URI itself.
-    pub fn broker_uri(&self) -> Result<SecretString, String> {
-        crate::broker::validate_uri(&self.rabbitmq_uri)
-            .map_err(|reason| format!("invalid RABBITMQ_URI (--rabbitmq-uri): {reason}"))?;
-        Ok(SecretString::from(self.rabbitmq_uri.clone()))
-    }
-}
-
 impl RunArgs {
     /// The Stripe secret key; `None` means mock mode.
     ///
     /// # Errors
     /// When the key is set but blank.
-    pub fn stripe_secret_key(&self) -> Result<Option<SecretString>, String> {
+    pub fn stripe_secret_key(&self) -> Result<Option<SecretString>, ConfigError> {
         match &self.stripe_secret_key {
             None => Ok(None),
             Some(key) if key.trim().is_empty() || key.chars().any(char::is_control) => {
-                Err("invalid STRIPE_SECRET_KEY (--stripe-secret-key): blank or contains control \
-                 characters; unset it for mock mode"
-                    .into())
+                Err(ConfigError::new(
+                    "STRIPE_SECRET_KEY",
+                    "stripe-secret-key",
+                    "blank or contains control characters; unset it for mock mode",
+                ))
             }
             Some(key) => Ok(Some(SecretString::from(key.clone()))),
         }
@@ -323,7 +172,7 @@ impl RunArgs {
     ///
     /// # Errors
     /// When the variable is set but holds no secret.
-    pub fn webhook_secrets(&self) -> Result<Vec<SecretString>, String> {
+    pub fn webhook_secrets(&self) -> Result<Vec<SecretString>, ConfigError> {
         let Some(list) = &self.stripe_webhook_key else { return Ok(Vec::new()) };
         let secrets: Vec<SecretString> = list
             .split(',')
@@ -332,7 +181,11 @@ impl RunArgs {
             .map(|s| SecretString::from(s.to_owned()))
             .collect();
         if secrets.is_empty() {
-            return Err("invalid STRIPE_WEBHOOK_KEY (--stripe-webhook-key): set but empty; unset it to disable the webhook".into());
+            return Err(ConfigError::new(
+                "STRIPE_WEBHOOK_KEY",
+                "stripe-webhook-key",
+                "set but empty; unset it to disable the webhook",
+            ));
         }
         Ok(secrets)
     }
@@ -354,19 +207,26 @@ impl RunArgs {
     ///
     /// # Errors
     /// When they contradict each other; the message names the settings.
-    pub fn breaker_settings(&self) -> Result<BreakerSettings, String> {
+    pub fn breaker_settings(&self) -> Result<BreakerSettings, ConfigError> {
         if self.stripe_breaker_min_calls > self.stripe_breaker_window {
-            return Err(format!(
-                "invalid STRIPE_BREAKER_MIN_CALLS (--stripe-breaker-min-calls): {} is more than \
-                 STRIPE_BREAKER_WINDOW ({}), so the failure ratio could never open the circuit",
-                self.stripe_breaker_min_calls, self.stripe_breaker_window
+            return Err(ConfigError::new(
+                "STRIPE_BREAKER_MIN_CALLS",
+                "stripe-breaker-min-calls",
+                format!(
+                    "{} is more than STRIPE_BREAKER_WINDOW ({}), so the failure ratio could \
+                     never open the circuit",
+                    self.stripe_breaker_min_calls, self.stripe_breaker_window
+                ),
             ));
         }
         if self.stripe_breaker_cooldown > self.stripe_breaker_max_cooldown {
-            return Err(format!(
-                "invalid STRIPE_BREAKER_COOLDOWN (--stripe-breaker-cooldown): {:?} is longer than \
-                 STRIPE_BREAKER_MAX_COOLDOWN ({:?})",
-                self.stripe_breaker_cooldown, self.stripe_breaker_max_cooldown
+            return Err(ConfigError::new(
+                "STRIPE_BREAKER_COOLDOWN",
+                "stripe-breaker-cooldown",
+                format!(
+                    "{:?} is longer than STRIPE_BREAKER_MAX_COOLDOWN ({:?})",
+                    self.stripe_breaker_cooldown, self.stripe_breaker_max_cooldown
+                ),
             ));
         }
         Ok(BreakerSettings {
@@ -383,13 +243,14 @@ impl RunArgs {
     ///
     /// # Errors
     /// When they contradict each other; the message names the settings.
-    pub fn pacer_settings(&self) -> Result<PacerSettings, String> {
+    pub fn pacer_settings(&self) -> Result<PacerSettings, ConfigError> {
         if let Some(max) = self.stripe_max_rps
             && max < self.stripe_min_rps
         {
-            return Err(format!(
-                "invalid STRIPE_MAX_RPS (--stripe-max-rps): {max} is below STRIPE_MIN_RPS ({})",
-                self.stripe_min_rps
+            return Err(ConfigError::new(
+                "STRIPE_MAX_RPS",
+                "stripe-max-rps",
+                format!("{max} is below STRIPE_MIN_RPS ({})", self.stripe_min_rps),
             ));
         }
         Ok(PacerSettings {
@@ -454,17 +315,24 @@ fn parse_http_url(text: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+    use crate::cli::{Cli, Command};
 
     fn run(args: &[&str]) -> Result<RunArgs, String> {
         let mut argv = vec!["payment-worker", "run"];
         argv.extend_from_slice(args);
+        let checked = |run: &RunArgs| -> Result<(), ConfigError> {
+            run.stripe_secret_key()?;
+            run.breaker_settings()?;
+            run.pacer_settings()?;
+            Ok(())
+        };
         match Cli::try_parse_from(argv) {
             Ok(Cli { global, command: Command::Run(run) }) => {
-                global.broker_uri()?;
-                run.stripe_secret_key()?;
-                run.breaker_settings()?;
-                run.pacer_settings()?;
+                global.broker_uri().map_err(|e| e.to_string())?;
+                checked(&run).map_err(|e| e.to_string())?;
                 Ok(*run)
             }
             Ok(_) => unreachable!("argv starts with `run`"),

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: command line and environment.
+//! - [`cli`]: the command line and the settings every subcommand shares.
+//! - [`config`]: the worker's settings (`payment-worker run`), from flags and environment.
 //! - [`app`]: wiring; builds a [`worker::Worker`] and the HTTP server from configuration.
 //! - [`worker`]: the consumer loop and what happens to each delivery.
 //! - [`contract`]: the Go services' envelope and payloads, read and written as Go does.
@@ -15,13 +16,14 @@
 //! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
 //! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
 //! - [`broker`]: connection pool and confirmed, mandatory publishing.
-//! - [`ops`]: the operator subcommands (`topology`, `parked`, `send`).
+//! - [`ops`]: the operator subcommands (`topology`, `parked`, `send`), a file each.
 //! - [`webhook`]: Stripe's `checkout.session.completed` into `payment.event.success`.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
 
 pub mod app;
 pub mod breaker;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod decision;

@@ -396,7 +396,8 @@ pub enum ExchangeType {
 }
 
 impl ExchangeType {
-    fn lapin(self) -> ExchangeKind {
+    /// The same kind, as lapin names it.
+    pub fn lapin(self) -> ExchangeKind {
         match self {
             Self::Topic => ExchangeKind::Topic,
             Self::Direct => ExchangeKind::Direct,

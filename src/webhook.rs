@@ -22,14 +22,13 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use deadpool_lapin::Pool;
 use hmac::{Hmac, Mac};
-use lapin::BasicProperties;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{error, info, warn};
 
-use crate::broker::Publisher;
+use crate::broker::{Publisher, persistent_json};
 use crate::contract::{Envelope, PaymentSucceeded};
 use crate::metrics::Metrics;
 use crate::topology::Topology;
@@ -162,9 +161,7 @@ impl Webhook {
 
     async fn publish(&self, event_id: &str, success: &PaymentSucceeded) -> Result<(), String> {
         let body = Envelope::encode(&success.user_id, success);
-        let mut properties = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
+        let mut properties = persistent_json();
         if !event_id.is_empty() {
             properties = properties.with_message_id(event_id.into());
         }

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::breaker::{Signal, State};
-use crate::broker::{PublishError, Publisher};
+use crate::broker::{PublishError, Publisher, persistent_json};
 use crate::contract::{CreateSession, InvalidMessage};
 use crate::decision::{Action, Class, decide};
 use crate::health::Readiness;
@@ -740,10 +740,7 @@ pub fn event_properties(message_id: String, incoming: &BasicProperties) -> Basic
             }
         }
     }
-    let properties = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id(message_id.into());
+    let properties = persistent_json().with_message_id(message_id.into());
     if headers.inner().is_empty() { properties } else { properties.with_headers(headers) }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use payment_worker::app::App;
-use payment_worker::config::{Cli, Command};
+use payment_worker::cli::{Cli, Command};
 use payment_worker::worker::WorkerError;
 use testkit::amqp::Client;
 use testkit::stripe::{SECRET_KEY, StripeStandin};

@@ -1,0 +1,318 @@
+//! `parked list`, `parked replay` and `parked purge`.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+
+use super::{OpsError, channel, close, connect, describe, print_json};
+use crate::broker::Publisher;
+use crate::cli::GlobalArgs;
+use crate::contract::{CreateSession, Envelope};
+use crate::retry::{self, RetryState};
+use crate::topology::Topology;
+
+#[derive(Subcommand)]
+pub enum ParkedCommand {
+    /// List parked messages without consuming them.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move parked messages back to the work queue, attempt counter reset.
+    Replay {
+        #[command(flatten)]
+        filter: Filter,
+        /// Show what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove parked messages for good.
+    Purge {
+        #[command(flatten)]
+        filter: Filter,
+        /// Confirms the removal; without it nothing is removed.
+        #[arg(long)]
+        yes: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which parked messages a replay or purge takes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Filter {
+    /// Only this trip (repeatable).
+    #[arg(long = "trip")]
+    pub trip_ids: Vec<String>,
+    /// Only messages parked for this reason (e.g. retries_exhausted).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Every parked message.
+    #[arg(long)]
+    pub all: bool,
+    /// At most this many.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl Filter {
+    /// # Errors
+    /// When it would select nothing explicitly: `--all`, `--trip` or `--reason` is needed.
+    pub fn validate(&self) -> Result<(), OpsError> {
+        if !self.all && self.trip_ids.is_empty() && self.reason.is_none() {
+            return Err(OpsError::NoSelection);
+        }
+        Ok(())
+    }
+
+    fn matches(&self, entry: &ParkedEntry) -> bool {
+        let trip = self.trip_ids.is_empty()
+            || entry.trip_id.as_ref().is_some_and(|t| self.trip_ids.contains(t));
+        let reason = self.reason.as_ref().is_none_or(|r| r == &entry.reason);
+        trip && reason
+    }
+}
+
+/// What to do with each matching parked message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Only look.
+    List,
+    /// Back to the work queue, attempt counter reset.
+    Replay,
+    /// Remove.
+    Purge,
+}
+
+impl ParkedCommand {
+    /// # Errors
+    /// When the selection is empty, the profile cannot be loaded, or the broker fails.
+    pub async fn exec(self, global: &GlobalArgs) -> Result<ExitCode, OpsError> {
+        let (action, filter, dry_run, json) = match self {
+            Self::List { limit, json } => (
+                Action::List,
+                Filter { all: true, limit: Some(limit), ..Filter::default() },
+                true,
+                json,
+            ),
+            Self::Replay { filter, dry_run, json } => (Action::Replay, filter, dry_run, json),
+            Self::Purge { filter, yes, json } => (Action::Purge, filter, !yes, json),
+        };
+        filter.validate()?;
+        let topology = global.load_topology()?;
+        let connection = connect(global).await?;
+        let verb = match (action, dry_run) {
+            (Action::List, _) => "parked",
+            (Action::Replay, true) => "would replay",
+            (Action::Replay, false) => "replayed",
+            (Action::Purge, true) => "would purge",
+            (Action::Purge, false) => "purged",
+        };
+        let count = walk_parked(&connection, &topology, action, &filter, dry_run, |entry| {
+            if json {
+                print_json(entry);
+            } else if action == Action::List {
+                println!("{}", entry.line());
+            } else {
+                println!("{verb} {}", entry.line());
+            }
+        })
+        .await;
+        close(connection).await;
+        let count = count?;
+        if !json {
+            eprintln!("{count} message(s) {verb}");
+            if action == Action::Purge && dry_run && count > 0 {
+                eprintln!("nothing removed: add --yes to purge them");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// A parked message, as `parked list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ParkedEntry {
+    pub trip_id: Option<String>,
+    pub rider: Option<String>,
+    /// Minor units, when the command decodes.
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub reason: String,
+    pub detail: String,
+    pub attempts: u32,
+    pub first_failure_at_ms: Option<u64>,
+    pub parked_at_ms: Option<u64>,
+}
+
+impl ParkedEntry {
+    fn from_message(body: &[u8], properties: &BasicProperties) -> Self {
+        let state = RetryState::from_properties(properties);
+        let headers = properties.headers().clone().unwrap_or_default();
+        let command = CreateSession::decode(body).ok();
+        Self {
+            trip_id: command
+                .as_ref()
+                .map(|c| c.trip_id.clone())
+                .or_else(|| CreateSession::trip_id_hint(body)),
+            rider: command
+                .as_ref()
+                .map(|c| c.owner_id.clone())
+                .or_else(|| Envelope::decode(body).ok().map(|e| e.owner_id)),
+            amount: command.as_ref().map(|c| c.amount.get()),
+            currency: command.as_ref().map(|c| c.currency.as_received().to_owned()),
+            reason: retry::string(&headers, retry::PARK_REASON).unwrap_or_else(|| "unknown".into()),
+            detail: retry::string(&headers, retry::PARK_DETAIL).unwrap_or_default(),
+            attempts: state.attempts,
+            first_failure_at_ms: state.first_failure_at,
+            parked_at_ms: retry::int(&headers, retry::PARKED_AT)
+                .and_then(|n| u64::try_from(n).ok()),
+        }
+    }
+
+    /// One line for people.
+    pub fn line(&self) -> String {
+        let when = |ms: Option<u64>| ms.map_or_else(|| "-".to_owned(), format_ms);
+        format!(
+            "{:<24} rider={:<16} amount={:<12} reason={:<22} attempts={} first_failure={} parked_at={}  {}",
+            self.trip_id.as_deref().unwrap_or("(undecodable)"),
+            self.rider.as_deref().unwrap_or("-"),
+            match (&self.amount, &self.currency) {
+                (Some(a), Some(c)) => format!("{a} {c}"),
+                _ => "-".into(),
+            },
+            self.reason,
+            self.attempts,
+            when(self.first_failure_at_ms),
+            when(self.parked_at_ms),
+            self.detail
+        )
+    }
+}
+
+fn format_ms(ms: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// Walks the parking queue once: every message is fetched without auto-ack; those the filter
+/// and action take are replayed or purged (replayed copies are confirmed before the parked one
+/// is acked); all others are handed back at the end, which puts them back in their places.
+/// `report` is called with each taken message.
+///
+/// # Errors
+/// When the broker is unreachable, the queue missing, or a publish not confirmed (the messages
+/// not yet handled stay parked).
+pub async fn walk_parked(
+    connection: &Connection,
+    topology: &Topology,
+    action: Action,
+    filter: &Filter,
+    dry_run: bool,
+    mut report: impl FnMut(&ParkedEntry),
+) -> Result<usize, OpsError> {
+    let queue = &topology.parking.queue;
+    let channel = channel(connection).await?;
+    let present = parked_count(&channel, queue).await?;
+    let publisher = match (action, dry_run) {
+        (Action::Replay, false) => Some(
+            Publisher::open(connection)
+                .await
+                .map_err(|e| describe(&e, "opening a publish channel"))?,
+        ),
+        _ => None,
+    };
+    let mut taken = 0;
+    let mut last_tag = None;
+    // Only the messages present at the start: a message put back is never read twice.
+    for _ in 0..present {
+        if filter.limit.is_some_and(|limit| taken >= limit) {
+            break;
+        }
+        let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(|e| describe(&e, &format!("reading {queue}")))?
+        else {
+            break;
+        };
+        let delivery = message.delivery;
+        last_tag = Some(delivery.delivery_tag);
+        let entry = ParkedEntry::from_message(&delivery.data, &delivery.properties);
+        if action != Action::List && !filter.matches(&entry) {
+            continue;
+        }
+        taken += 1;
+        if action != Action::List && !dry_run {
+            if let Some(publisher) = &publisher {
+                replay(publisher, topology, &delivery).await?;
+            }
+            delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| describe(&e, "removing the parked copy"))?;
+        }
+        report(&entry);
+    }
+    if let Some(tag) = last_tag {
+        // Hands back every message not acked above, in its original place.
+        let _ = channel.basic_nack(tag, BasicNackOptions { multiple: true, requeue: true }).await;
+    }
+    let _ = channel.close(200, "done".into()).await;
+    Ok(taken)
+}
+
+/// How many messages the parking queue holds (a passive declaration, which changes nothing).
+async fn parked_count(channel: &Channel, queue: &str) -> Result<u32, OpsError> {
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .map_err(|e| describe(&e, &format!("queue {queue}")))?;
+    Ok(declared.message_count())
+}
+
+/// Publishes a parked message back to the work queue and waits for the broker's confirm.
+async fn replay(
+    publisher: &Publisher,
+    topology: &Topology,
+    parked: &lapin::message::Delivery,
+) -> Result<(), OpsError> {
+    let queue = &topology.work_queue.name;
+    publisher
+        .publish("", queue, &parked.data, replay_properties(&parked.properties))
+        .await
+        .map_err(|source| OpsError::Replay { queue: queue.clone(), source })
+}
+
+/// The properties of a replayed copy: the original's, with the retry bookkeeping removed (the
+/// attempt counter starts again) but the original exchange and routing key kept, so the
+/// worker still recognises the command.
+fn replay_properties(parked: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(original) = parked.headers() {
+        for (key, value) in original.inner() {
+            let name = key.as_str();
+            let keep = !name.starts_with("payment-")
+                || name == retry::ORIGINAL_EXCHANGE
+                || name == retry::ORIGINAL_ROUTING_KEY;
+            if keep {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    parked.clone().with_headers(headers)
+}
