@@ -16,6 +16,8 @@
 //! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
 //! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
 //! - [`broker`]: connection pool and confirmed, mandatory publishing.
+//! - [`headers`]: AMQP header values, whatever type a peer sent them as.
+//! - [`trace`]: W3C trace context carried from a command to the events it causes.
 //! - [`ops`]: the operator subcommands (`topology`, `parked`, `send`), a file each.
 //! - [`webhook`]: Stripe's `checkout.session.completed` into `payment.event.success`.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
@@ -28,6 +30,7 @@ pub mod config;
 pub mod contract;
 pub mod decision;
 pub mod flow;
+pub mod headers;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -37,5 +40,6 @@ pub mod pacer;
 pub mod retry;
 pub mod stripe;
 pub mod topology;
+pub mod trace;
 pub mod webhook;
 pub mod worker;

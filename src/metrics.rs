@@ -3,44 +3,14 @@
 //! Names carry the `payment_worker_` prefix, counters end in `_total`, durations are in
 //! seconds, and label values come from bounded sets (never a trip id).
 
+use prometheus::core::Collector;
 use prometheus::{
     Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::breaker::State;
-use crate::retry::ParkReason;
-
-/// How one delivery ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The event was published and the command acked.
-    Succeeded,
-    /// A retry copy was published to a wait queue and the command acked.
-    Retried,
-    /// A parked copy was published and the command acked.
-    Parked(ParkReason),
-    /// Stripe was failing, rate-limiting or behind an open circuit: a copy with the attempt
-    /// count unchanged went back to the work queue and the command was acked.
-    Deferred,
-    /// No replacement could be published; the command was handed back to the broker.
-    Requeued,
-    /// The channel failed; the broker redelivers the command by itself.
-    Abandoned,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Succeeded => "succeeded",
-            Self::Retried => "retried",
-            Self::Parked(_) => "parked",
-            Self::Deferred => "deferred",
-            Self::Requeued => "requeued",
-            Self::Abandoned => "abandoned",
-        }
-    }
-}
+use crate::worker::Outcome;
 
 /// The worker's metrics and the registry that serves them.
 pub struct Metrics {
@@ -77,7 +47,8 @@ pub struct Metrics {
 
 impl Metrics {
     /// # Panics
-    /// Never in practice: the definitions below are valid and registered once.
+    /// Never in practice: the definitions below are valid and each is registered once, where
+    /// it is built.
     pub fn new() -> Self {
         let registry = Registry::new();
         let seconds = |start: f64, factor: f64, count: usize| {
@@ -92,7 +63,7 @@ impl Metrics {
                 ),
                 &["outcome", "attempt", "reason"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             command_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "payment_worker_command_duration_seconds",
@@ -101,7 +72,7 @@ impl Metrics {
                 .buckets(seconds(0.01, 2.0, 14)),
                 &["outcome"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             attempt_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "payment_worker_attempt_duration_seconds",
@@ -109,7 +80,7 @@ impl Metrics {
                 )
                 .buckets(seconds(0.001, 2.0, 15)),
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             retry_delay: HistogramVec::new(
                 HistogramOpts::new(
                     "payment_worker_retry_delay_seconds",
@@ -122,7 +93,7 @@ impl Metrics {
                 ]),
                 &["tier"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             stripe_requests: IntCounterVec::new(
                 Opts::new(
                     "payment_worker_stripe_requests_total",
@@ -132,7 +103,7 @@ impl Metrics {
                 ),
                 &["result"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             stripe_duration: Histogram::with_opts(
                 HistogramOpts::new(
                     "payment_worker_stripe_request_duration_seconds",
@@ -140,12 +111,12 @@ impl Metrics {
                 )
                 .buckets(seconds(0.005, 2.0, 13)),
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             stripe_in_flight: IntGauge::new(
                 "payment_worker_stripe_requests_in_flight",
                 "Checkout Session requests waiting for Stripe's answer",
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             stripe_circuit_state: IntGaugeVec::new(
                 Opts::new(
                     "payment_worker_stripe_circuit_state",
@@ -154,7 +125,7 @@ impl Metrics {
                 ),
                 &["state"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             stripe_circuit_transitions: IntCounterVec::new(
                 Opts::new(
                     "payment_worker_stripe_circuit_transitions_total",
@@ -162,32 +133,32 @@ impl Metrics {
                 ),
                 &["to"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             stripe_rate_limit: Gauge::new(
                 "payment_worker_stripe_rate_limit",
                 "The adaptive Stripe request rate of this replica, in requests per second",
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             intake_paused_seconds: Counter::new(
                 "payment_worker_intake_paused_seconds_total",
                 "Time the consumer was cancelled because the Stripe circuit was open",
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             broker_connected: IntGauge::new(
                 "payment_worker_broker_connected",
                 "1 while the worker holds a broker connection with its consumer running",
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             broker_reconnects: IntCounter::new(
                 "payment_worker_broker_reconnects_total",
                 "Broker sessions lost and started again",
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             channel_errors: IntCounter::new(
                 "payment_worker_channel_errors_total",
                 "Channel or connection failures seen by the worker",
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             publish_failures: IntCounterVec::new(
                 Opts::new(
                     "payment_worker_publish_failures_total",
@@ -195,7 +166,7 @@ impl Metrics {
                 ),
                 &["kind"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             queue_messages: IntGaugeVec::new(
                 Opts::new(
                     "payment_worker_queue_messages",
@@ -204,7 +175,7 @@ impl Metrics {
                 ),
                 &["queue", "role"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             retry_tier_seconds: prometheus::GaugeVec::new(
                 Opts::new(
                     "payment_worker_retry_tier_seconds",
@@ -212,7 +183,7 @@ impl Metrics {
                 ),
                 &["tier"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             webhook_requests: IntCounterVec::new(
                 Opts::new(
                     "payment_worker_webhook_requests_total",
@@ -220,44 +191,19 @@ impl Metrics {
                 ),
                 &["result"],
             )
-            .expect("valid metric"),
+            .register_in(&registry),
             ready: IntGauge::new("payment_worker_ready", "1 while /readyz answers 200")
-                .expect("valid metric"),
+                .register_in(&registry),
             registry,
         };
         let build_info = IntGaugeVec::new(
             Opts::new("payment_worker_build_info", "Always 1; labels name the build"),
             &["version", "stripe_api_version"],
         )
-        .expect("valid metric");
+        .register_in(&metrics.registry);
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), &crate::stripe::api_version()])
             .set(1);
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(metrics.commands.clone()),
-            Box::new(metrics.command_duration.clone()),
-            Box::new(metrics.attempt_duration.clone()),
-            Box::new(metrics.retry_delay.clone()),
-            Box::new(metrics.stripe_requests.clone()),
-            Box::new(metrics.stripe_duration.clone()),
-            Box::new(metrics.stripe_in_flight.clone()),
-            Box::new(metrics.stripe_circuit_state.clone()),
-            Box::new(metrics.stripe_circuit_transitions.clone()),
-            Box::new(metrics.stripe_rate_limit.clone()),
-            Box::new(metrics.intake_paused_seconds.clone()),
-            Box::new(metrics.broker_connected.clone()),
-            Box::new(metrics.broker_reconnects.clone()),
-            Box::new(metrics.channel_errors.clone()),
-            Box::new(metrics.publish_failures.clone()),
-            Box::new(metrics.queue_messages.clone()),
-            Box::new(metrics.retry_tier_seconds.clone()),
-            Box::new(metrics.webhook_requests.clone()),
-            Box::new(metrics.ready.clone()),
-            Box::new(build_info),
-        ];
-        for collector in collectors {
-            metrics.registry.register(collector).expect("each metric is registered once");
-        }
         metrics
     }
 
@@ -285,6 +231,19 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buffer)
             .expect("encoding to memory cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// Registers a metric where it is built, and hands it to the field that keeps it.
+trait RegisterIn<C> {
+    fn register_in(self, registry: &Registry) -> C;
+}
+
+impl<C: Collector + Clone + 'static> RegisterIn<C> for prometheus::Result<C> {
+    fn register_in(self, registry: &Registry) -> C {
+        let metric = self.expect("a valid metric definition");
+        registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+        metric
     }
 }
 

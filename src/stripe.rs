@@ -479,6 +479,27 @@ mod tests {
         assert_eq!(StripeError::BadResponse("x".into()).signal(), Signal::Answered);
     }
 
+    #[tokio::test]
+    async fn a_call_aborted_mid_way_leaves_no_request_in_flight() {
+        let metrics = Arc::new(Metrics::new());
+        let (started, call) = {
+            let (started, metrics) = (tokio::sync::Notify::new(), metrics.clone());
+            let started = Arc::new(started);
+            let signal = started.clone();
+            let call = tokio::spawn(async move {
+                let _in_flight = InFlight::start(&metrics);
+                signal.notify_one();
+                std::future::pending::<()>().await;
+            });
+            (started, call)
+        };
+        started.notified().await;
+        assert_eq!(metrics.stripe_in_flight.get(), 1);
+        call.abort();
+        assert!(call.await.unwrap_err().is_cancelled());
+        assert_eq!(metrics.stripe_in_flight.get(), 0, "the guard counted the call out");
+    }
+
     #[test]
     fn rejects_a_base_that_is_not_a_url() {
         for base in ["", "stripe", "ftp://x/", "/v1"] {

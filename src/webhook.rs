@@ -59,8 +59,133 @@ pub struct Webhook {
     recent: Mutex<RecentIds>,
 }
 
-/// The answer to Stripe, and the metric label for it.
-type Answer = (StatusCode, &'static str);
+/// How a webhook request ended: the answer to Stripe and the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    Published,
+    /// The event id was published recently.
+    Duplicate,
+    /// `checkout.session.completed` before the payment went through.
+    Unpaid,
+    /// No `trip_id` or `user_id` in the session's metadata.
+    MissingMetadata,
+    /// An event type the worker does not act on.
+    IgnoredType,
+    InvalidSignature,
+    InvalidPayload,
+    /// `STRIPE_WEBHOOK_KEY` is unset.
+    NotConfigured,
+    /// The body is larger than `WEBHOOK_MAX_BODY`.
+    TooLarge,
+    /// The body could not be read.
+    Unreadable,
+    /// The broker did not confirm the event: Stripe should retry.
+    PublishFailed,
+}
+
+impl Reply {
+    /// The status Stripe gets, as the Go api-gateway answered.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Published
+            | Self::Duplicate
+            | Self::Unpaid
+            | Self::MissingMetadata
+            | Self::IgnoredType => StatusCode::OK,
+            Self::InvalidSignature | Self::InvalidPayload => StatusCode::BAD_REQUEST,
+            Self::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unreadable | Self::PublishFailed => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The body Stripe gets.
+    pub fn body(self) -> &'static str {
+        match self {
+            Self::Published
+            | Self::Duplicate
+            | Self::Unpaid
+            | Self::MissingMetadata
+            | Self::IgnoredType => "ok",
+            Self::InvalidSignature => "Invalid signature",
+            Self::InvalidPayload => "Invalid payload",
+            Self::NotConfigured => "Stripe webhook not configured",
+            Self::TooLarge => "payload too large",
+            Self::Unreadable => "cannot read body",
+            Self::PublishFailed => "publish failed",
+        }
+    }
+
+    /// The label in `payment_worker_webhook_requests_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Published => "published",
+            Self::Duplicate => "duplicate",
+            Self::Unpaid => "unpaid",
+            Self::MissingMetadata => "missing_metadata",
+            Self::IgnoredType => "ignored_type",
+            Self::InvalidSignature => "invalid_signature",
+            Self::InvalidPayload => "invalid_payload",
+            Self::NotConfigured => "not_configured",
+            Self::TooLarge => "too_large",
+            Self::Unreadable => "unreadable",
+            Self::PublishFailed => "publish_failed",
+        }
+    }
+}
+
+/// A verified event that calls for `payment.event.success`.
+struct PaidSession {
+    event_id: String,
+    success: PaymentSucceeded,
+}
+
+/// Reads a verified event: the fields needed, leniently. `Err` is the answer when it calls for
+/// no publish.
+fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
+    let event = serde_json::from_slice::<Value>(body).map_err(|_| Reply::InvalidPayload)?;
+    let event_id = event["id"].as_str().unwrap_or_default().to_owned();
+    let kind = event["type"].as_str().unwrap_or_default();
+    let object = &event["data"]["object"];
+    let completed = kind == "checkout.session.completed";
+    if !completed && kind != "checkout.session.async_payment_succeeded" {
+        return Err(Reply::IgnoredType);
+    }
+    let Some(session_id) = object["id"].as_str().filter(|_| object.is_object()) else {
+        return Err(Reply::InvalidPayload);
+    };
+    let payment_status = object["payment_status"].as_str().unwrap_or_default();
+    if completed && !matches!(payment_status, "paid" | "no_payment_required") {
+        info!(
+            event_id,
+            session_id,
+            payment_status,
+            "checkout completed but not paid yet; waiting for async_payment_succeeded"
+        );
+        return Err(Reply::Unpaid);
+    }
+    let metadata = |key: &str| object["metadata"][key].as_str().unwrap_or_default().to_owned();
+    let success = PaymentSucceeded {
+        trip_id: metadata("trip_id"),
+        user_id: metadata("user_id"),
+        driver_id: metadata("driver_id"),
+        amount_cents: object["amount_total"].as_i64().unwrap_or(0),
+        currency: object["currency"].as_str().filter(|c| !c.is_empty()).unwrap_or("usd").to_owned(),
+        region: Some(metadata("region"))
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "unspecified".into()),
+        package_slug: metadata("package_slug"),
+    };
+    if success.trip_id.is_empty() || success.user_id.is_empty() {
+        warn!(
+            event_id,
+            session_id,
+            "checkout session has no trip_id or user_id in its metadata; nothing published"
+        );
+        return Err(Reply::MissingMetadata);
+    }
+    Ok(PaidSession { event_id, success })
+}
 
 impl Webhook {
     pub fn new(
@@ -73,88 +198,47 @@ impl Webhook {
         Self { settings, topology, pool, metrics, publisher: AsyncMutex::new(None), recent }
     }
 
-    /// Handles one request; the result label goes to `payment_worker_webhook_requests_total`.
-    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> (Answer, &'static str) {
+    /// Handles one request.
+    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Reply {
         if self.settings.secrets.is_empty() {
-            return (
-                (StatusCode::SERVICE_UNAVAILABLE, "Stripe webhook not configured"),
-                "not_configured",
-            );
+            return Reply::NotConfigured;
         }
         let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
         if let Err(reason) =
             verify(signature, body, &self.settings.secrets, self.settings.tolerance, unix_now())
         {
             warn!(reason, "webhook signature rejected");
-            return ((StatusCode::BAD_REQUEST, "Invalid signature"), "invalid_signature");
+            return Reply::InvalidSignature;
         }
-        let Ok(event) = serde_json::from_slice::<Value>(body) else {
-            return ((StatusCode::BAD_REQUEST, "Invalid payload"), "invalid_payload");
+        let paid = match read_event(body) {
+            Ok(paid) => paid,
+            Err(reply) => return reply,
         };
-        let event_id = event["id"].as_str().unwrap_or_default().to_owned();
-        let kind = event["type"].as_str().unwrap_or_default();
-        let object = &event["data"]["object"];
-        let completed = kind == "checkout.session.completed";
-        if !completed && kind != "checkout.session.async_payment_succeeded" {
-            return (OK, "ignored_type");
+        if !paid.event_id.is_empty() && self.recent().contains(&paid.event_id) {
+            info!(event_id = paid.event_id, trip_id = %paid.success.trip_id, "duplicate webhook delivery; already published");
+            return Reply::Duplicate;
         }
-        if !object.is_object() || object["id"].as_str().is_none() {
-            return ((StatusCode::BAD_REQUEST, "Invalid payload"), "invalid_payload");
-        }
-        let session_id = object["id"].as_str().unwrap_or_default();
-        let payment_status = object["payment_status"].as_str().unwrap_or_default();
-        if completed && !matches!(payment_status, "paid" | "no_payment_required") {
-            info!(
-                event_id,
-                session_id,
-                payment_status,
-                "checkout completed but not paid yet; waiting for async_payment_succeeded"
-            );
-            return (OK, "unpaid");
-        }
-        let metadata = |key: &str| object["metadata"][key].as_str().unwrap_or_default().to_owned();
-        let success = PaymentSucceeded {
-            trip_id: metadata("trip_id"),
-            user_id: metadata("user_id"),
-            driver_id: metadata("driver_id"),
-            amount_cents: object["amount_total"].as_i64().unwrap_or(0),
-            currency: object["currency"]
-                .as_str()
-                .filter(|c| !c.is_empty())
-                .unwrap_or("usd")
-                .to_owned(),
-            region: Some(metadata("region"))
-                .filter(|r| !r.is_empty())
-                .unwrap_or_else(|| "unspecified".into()),
-            package_slug: metadata("package_slug"),
-        };
-        if success.trip_id.is_empty() || success.user_id.is_empty() {
-            warn!(
-                event_id,
-                session_id,
-                "checkout session has no trip_id or user_id in its metadata; nothing published"
-            );
-            return (OK, "missing_metadata");
-        }
-        if !event_id.is_empty() && self.recent().contains(&event_id) {
-            info!(event_id, trip_id = %success.trip_id, "duplicate webhook delivery; already published");
-            return (OK, "duplicate");
-        }
-        match tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(&event_id, &success)).await {
+        self.publish_success(&paid).await
+    }
+
+    /// Publishes `payment.event.success` and remembers the event id once the broker confirmed.
+    async fn publish_success(&self, paid: &PaidSession) -> Reply {
+        let (event_id, success) = (&paid.event_id, &paid.success);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(event_id, success)).await {
             Ok(Ok(())) => {
                 if !event_id.is_empty() {
                     self.recent().insert(event_id.clone());
                 }
                 info!(event_id, trip_id = %success.trip_id, amount_cents = success.amount_cents, "payment success published");
-                (OK, "published")
+                Reply::Published
             }
             Ok(Err(e)) => {
                 error!(event_id, trip_id = %success.trip_id, error = %e, "payment success not confirmed by the broker; answering 500 so Stripe retries");
-                ((StatusCode::INTERNAL_SERVER_ERROR, "publish failed"), "publish_failed")
+                Reply::PublishFailed
             }
             Err(_) => {
                 error!(event_id, trip_id = %success.trip_id, "broker did not confirm in time; answering 500 so Stripe retries");
-                ((StatusCode::INTERNAL_SERVER_ERROR, "publish failed"), "publish_failed")
+                Reply::PublishFailed
             }
         }
     }
@@ -197,8 +281,6 @@ impl Webhook {
     }
 }
 
-const OK: Answer = (StatusCode::OK, "ok");
-
 /// The axum handler. The body limit is a layer on the route; a body over it is 413 and never
 /// parsed, a body that cannot be read is 500 (as in the Go gateway).
 pub async fn endpoint(
@@ -206,15 +288,13 @@ pub async fn endpoint(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> (StatusCode, &'static str) {
-    let ((status, text), result) = match body {
+    let reply = match body {
         Ok(body) => webhook.handle(&headers, &body).await,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ((StatusCode::PAYLOAD_TOO_LARGE, "payload too large"), "too_large")
-        }
-        Err(_) => ((StatusCode::INTERNAL_SERVER_ERROR, "cannot read body"), "unreadable"),
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Reply::TooLarge,
+        Err(_) => Reply::Unreadable,
     };
-    webhook.metrics.webhook_requests.with_label_values(&[result]).inc();
-    (status, text)
+    webhook.metrics.webhook_requests.with_label_values(&[reply.as_str()]).inc();
+    (reply.status(), reply.body())
 }
 
 fn unix_now() -> i64 {

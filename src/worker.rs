@@ -1,4 +1,4 @@
-//! The consumer: one broker session at a time, deliveries handled concurrently up to the
+//! The consumer: one broker connection at a time, deliveries handled concurrently up to the
 //! prefetch, every delivery settled only after its replacement is confirmed.
 //!
 //! For each `payment.cmd.create_session` delivery exactly one of these happens:
@@ -10,7 +10,9 @@
 //! * **parked**: a permanent failure or the last attempt; a copy is confirmed into the parking
 //!   queue, the command is acked;
 //! * **requeued**: not even the parked copy was accepted; the command is nacked back;
-//! * **abandoned**: the channel failed mid-way; the session ends and the broker redelivers.
+//! * **deferred**: Stripe was failing or rate-limiting, or the circuit was open; a copy with
+//!   the attempt count unchanged is confirmed into the work queue, the command is acked;
+//! * **abandoned**: the channel failed mid-way; the connection ends and the broker redelivers.
 //!
 //! Stripe calls are idempotent by trip, so whatever is done twice is harmless.
 
@@ -26,7 +28,7 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -38,21 +40,53 @@ use crate::broker::{PublishError, Publisher, persistent_json};
 use crate::contract::{CreateSession, InvalidMessage};
 use crate::decision::{Action, Class, decide};
 use crate::health::Readiness;
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::Metrics;
 use crate::retry::{self, FailedAttempt, Origin, ParkReason, RetryState};
 use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError, error_chain};
 use crate::topology::{Topology, TopologyError};
+use crate::trace;
 
 /// How long a requeued command is held before it goes back, so that a broker refusing every
 /// replacement does not turn into a hot loop.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
+/// How one delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event was published and the command acked.
+    Succeeded,
+    /// A retry copy was published to a wait queue and the command acked.
+    Retried,
+    /// A parked copy was published and the command acked.
+    Parked(ParkReason),
+    /// Stripe was failing, rate-limiting or behind an open circuit: a copy with the attempt
+    /// count unchanged went back to the work queue and the command was acked.
+    Deferred,
+    /// No replacement could be published; the command was handed back to the broker.
+    Requeued,
+    /// The channel failed; the broker redelivers the command by itself.
+    Abandoned,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Retried => "retried",
+            Self::Parked(_) => "parked",
+            Self::Deferred => "deferred",
+            Self::Requeued => "requeued",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
 
 /// Reconnecting after the broker session is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReconnectPolicy {
     pub min_delay: Duration,
     pub max_delay: Duration,
-    /// Consecutive failed sessions before the worker gives up and exits non-zero.
+    /// Consecutive failed broker connections before the worker gives up and exits non-zero.
     pub max_attempts: usize,
 }
 
@@ -87,11 +121,19 @@ pub enum WorkerError {
     ReconnectBudgetSpent { attempts: usize, last: String },
 }
 
-/// How one broker session ended.
-enum SessionEnd {
+/// What a broker connection holds once it is set up.
+struct Opened {
+    publisher: Publisher,
+    /// The consume channel.
+    channel: Channel,
+    consumer: Consumer,
+}
+
+/// How one broker connection ended.
+enum ConnectionEnd {
     /// Asked to stop; in-flight work was drained.
     Stopped,
-    /// The session failed; `consumed` tells whether it had got as far as consuming.
+    /// The connection failed; `consumed` tells whether it had got as far as consuming.
     Lost { consumed: bool, cause: String },
     /// The broker refused the topology in a way retrying cannot fix.
     Fatal(TopologyError),
@@ -119,7 +161,7 @@ impl Worker {
         Self { topology, gateway, pool, metrics, readiness, settings }
     }
 
-    /// Consumes until `shutdown` is cancelled, reconnecting after every lost session.
+    /// Consumes until `shutdown` is cancelled, reconnecting after every lost connection.
     ///
     /// # Errors
     /// When the broker refuses the topology (406), or the reconnect budget is spent.
@@ -127,15 +169,15 @@ impl Worker {
         let mut backoff = self.settings.reconnect.backoff();
         let mut failures = 0;
         loop {
-            let end = self.session(&shutdown).await;
+            let end = self.connection(&shutdown).await;
             self.metrics.broker_connected.set(0);
             match end {
-                SessionEnd::Stopped => return Ok(()),
-                SessionEnd::Fatal(e) => {
+                ConnectionEnd::Stopped => return Ok(()),
+                ConnectionEnd::Fatal(e) => {
                     self.readiness.set_not_ready("topology refused by the broker");
                     return Err(WorkerError::Topology(e));
                 }
-                SessionEnd::Lost { consumed, cause } => {
+                ConnectionEnd::Lost { consumed, cause } => {
                     self.readiness.set_not_ready(format!("broker session lost: {cause}"));
                     if consumed {
                         backoff = self.settings.reconnect.backoff();
@@ -159,41 +201,16 @@ impl Worker {
         }
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> SessionEnd {
-        let lost = |cause: String| SessionEnd::Lost { consumed: false, cause };
+    /// One broker connection, from connecting to its end: open, consume, then drain (asked to
+    /// stop) or abandon (lost).
+    async fn connection(&self, shutdown: &CancellationToken) -> ConnectionEnd {
+        let lost = |cause: String| ConnectionEnd::Lost { consumed: false, cause };
         let connection = match self.pool.get().await {
             Ok(connection) => connection,
             Err(e) => return lost(format!("connecting: {}", error_chain(&e))),
         };
-        let setup = async {
-            let channel = connection
-                .create_channel()
-                .await
-                .map_err(|e| lost(format!("opening a channel: {e}")))?;
-            if let Err(e) = self.topology.declare(&channel).await {
-                return Err(if e.is_transient() {
-                    lost(e.to_string())
-                } else {
-                    SessionEnd::Fatal(e)
-                });
-            }
-            let _ = channel.close(200, "topology declared".into()).await;
-            let publisher = Publisher::open(&connection)
-                .await
-                .map_err(|e| lost(format!("opening the publish channel: {e}")))?;
-            let consume = connection
-                .create_channel()
-                .await
-                .map_err(|e| lost(format!("opening the consume channel: {e}")))?;
-            consume
-                .basic_qos(self.settings.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(|e| lost(format!("basic.qos: {e}")))?;
-            let consumer = self.consume(&consume).await.map_err(lost)?;
-            Ok((publisher, consume, consumer))
-        };
-        let (publisher, consume, consumer) = match setup.await {
-            Ok(parts) => parts,
+        let opened = match self.open(&connection).await {
+            Ok(opened) => opened,
             Err(end) => {
                 close(&connection).await;
                 return end;
@@ -203,71 +220,20 @@ impl Worker {
         self.readiness.set_ready();
         self.metrics.broker_connected.set(1);
 
-        let session_failed = CancellationToken::new();
+        let connection_failed = CancellationToken::new();
         let handler = Arc::new(Handler {
             topology: self.topology.clone(),
             gateway: self.gateway.clone(),
             metrics: self.metrics.clone(),
             urls: self.settings.urls.clone(),
-            publisher,
-            session_failed: session_failed.clone(),
+            publisher: opened.publisher,
+            connection_failed: connection_failed.clone(),
         });
         let mut tasks = Tasks { handler, set: JoinSet::new(), in_flight: HashMap::new() };
-        let mut intake = Intake::Consuming(consumer);
-        let mut circuit = self.gateway.circuit();
-        // The task handling the message fetched to probe Stripe, while it runs.
-        let mut probe = None;
-
-        let cause = loop {
-            let probe_at = intake.probe_at(probe.is_some(), circuit.as_ref());
-            // `biased`: a stop or a failed session wins over new work, and finished tasks are
-            // collected before more deliveries are taken.
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break None,
-                () = session_failed.cancelled() => break Some("a channel failed while publishing".to_owned()),
-                Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
-                    if probe == Some(id) {
-                        probe = None;
-                    }
-                }
-                state = circuit_changed(&mut circuit) => {
-                    if let Err(cause) = self.steer(&consume, &mut intake, state).await {
-                        break Some(cause);
-                    }
-                }
-                next = intake.next(), if intake.has_consumer() => match next {
-                    Some(Ok(delivery)) => {
-                        tasks.spawn(delivery);
-                    }
-                    Some(Err(e)) => break Some(format!("consumer: {e}")),
-                    None => match intake {
-                        Intake::Draining(_) => {
-                            intake = Intake::Paused { since: Instant::now() };
-                            let state = circuit.as_ref().map(|c| *c.borrow());
-                            if let Err(cause) = self.steer(&consume, &mut intake, state).await {
-                                break Some(cause);
-                            }
-                        }
-                        _ => break Some(format!("the broker cancelled the consumer on {}", self.topology.work_queue.name)),
-                    },
-                },
-                () = sleep_until(probe_at), if probe_at.is_some() => {
-                    let fetched = consume
-                        .basic_get(self.topology.work_queue.name.as_str().into(), BasicGetOptions::default())
-                        .await;
-                    match fetched {
-                        Ok(Some(message)) => probe = Some(tasks.spawn(message.delivery)),
-                        // Nothing waits: consume again, the first delivery probes.
-                        Ok(None) => match self.consume(&consume).await {
-                            Ok(consumer) => intake = intake.resume(consumer, &self.metrics),
-                            Err(cause) => break Some(cause),
-                        },
-                        Err(e) => break Some(format!("basic.get on {}: {e}", self.topology.work_queue.name)),
-                    }
-                }
-            }
-        };
+        let mut intake = Intake::Consuming(opened.consumer);
+        let cause = self
+            .consume(&opened.channel, &mut intake, &mut tasks, shutdown, &connection_failed)
+            .await;
 
         if let Intake::Paused { since } = intake {
             self.metrics.intake_paused_seconds.inc_by(since.elapsed().as_secs_f64());
@@ -279,41 +245,149 @@ impl Worker {
         match cause {
             None => {
                 if let Intake::Consuming(consumer) = &intake {
-                    let _ =
-                        consume.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                    let _ = opened
+                        .channel
+                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                        .await;
                 }
-                let in_flight_count = tasks.set.len();
-                info!(
-                    in_flight = in_flight_count,
-                    grace_ms = self.settings.shutdown_grace.as_millis() as u64,
-                    "stopping: draining in-flight deliveries"
-                );
-                let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
-                    while tasks.set.join_next().await.is_some() {}
-                })
-                .await;
-                if drained.is_err() {
-                    warn!(
-                        left = tasks.set.len(),
-                        "shutdown grace spent; the broker will redeliver what is left"
-                    );
-                    tasks.set.abort_all();
-                }
+                self.drain(&mut tasks).await;
                 close(&connection).await;
-                SessionEnd::Stopped
+                ConnectionEnd::Stopped
             }
             Some(cause) => {
                 self.metrics.channel_errors.inc();
                 tasks.set.abort_all();
                 // Closing the connection hands every unacked delivery back to the broker.
                 close(&connection).await;
-                SessionEnd::Lost { consumed: true, cause }
+                ConnectionEnd::Lost { consumed: true, cause }
             }
         }
     }
 
+    /// Declares the topology and opens the publish and consume channels and the consumer.
+    async fn open(&self, connection: &Connection) -> Result<Opened, ConnectionEnd> {
+        let lost = |cause: String| ConnectionEnd::Lost { consumed: false, cause };
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost(format!("opening a channel: {e}")))?;
+        if let Err(e) = self.topology.declare(&channel).await {
+            return Err(if e.is_transient() {
+                lost(e.to_string())
+            } else {
+                ConnectionEnd::Fatal(e)
+            });
+        }
+        let _ = channel.close(200, "topology declared".into()).await;
+        let publisher = Publisher::open(connection)
+            .await
+            .map_err(|e| lost(format!("opening the publish channel: {e}")))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost(format!("opening the consume channel: {e}")))?;
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| lost(format!("basic.qos: {e}")))?;
+        let consumer = self.start_consumer(&channel).await.map_err(lost)?;
+        Ok(Opened { publisher, channel, consumer })
+    }
+
+    /// Takes deliveries until asked to stop (`None`) or the connection fails (the cause), and
+    /// follows the Stripe circuit meanwhile.
+    async fn consume(
+        &self,
+        channel: &Channel,
+        intake: &mut Intake,
+        tasks: &mut Tasks,
+        shutdown: &CancellationToken,
+        connection_failed: &CancellationToken,
+    ) -> Option<String> {
+        let mut circuit = self.gateway.circuit();
+        // The task handling the message fetched to probe Stripe, while it runs.
+        let mut probe = None;
+        loop {
+            let probe_at = intake.probe_at(probe.is_some(), circuit.as_ref());
+            // `biased`, in this order: a stop or a failed connection wins over new work, and
+            // finished tasks are collected (and a panicked one's message handed back) before
+            // more deliveries are taken, so the in-flight set never outgrows the prefetch.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                () = connection_failed.cancelled() => return Some("a channel failed while publishing".to_owned()),
+                Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
+                    if probe == Some(id) {
+                        probe = None;
+                    }
+                }
+                state = circuit_changed(&mut circuit) => {
+                    if let Err(cause) = self.steer(channel, intake, state).await {
+                        return Some(cause);
+                    }
+                }
+                next = intake.next(), if intake.has_consumer() => match next {
+                    Some(Ok(delivery)) => {
+                        tasks.spawn(delivery);
+                    }
+                    Some(Err(e)) => return Some(format!("consumer: {e}")),
+                    None if matches!(intake, Intake::Draining(_)) => {
+                        *intake = Intake::Paused { since: Instant::now() };
+                        let state = circuit.as_ref().map(|c| *c.borrow());
+                        if let Err(cause) = self.steer(channel, intake, state).await {
+                            return Some(cause);
+                        }
+                    }
+                    None => return Some(format!("the broker cancelled the consumer on {}", self.topology.work_queue.name)),
+                },
+                () = sleep_until(probe_at), if probe_at.is_some() => {
+                    match self.fetch_probe(channel).await {
+                        Ok(Some(delivery)) => probe = Some(tasks.spawn(delivery)),
+                        // Nothing waits: consume again, the first delivery probes.
+                        Ok(None) => match self.start_consumer(channel).await {
+                            Ok(consumer) => intake.resume(consumer, &self.metrics),
+                            Err(cause) => return Some(cause),
+                        },
+                        Err(cause) => return Some(cause),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One message from the work queue to probe Stripe with, if any waits.
+    async fn fetch_probe(&self, channel: &Channel) -> Result<Option<Delivery>, String> {
+        let queue = &self.topology.work_queue.name;
+        channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .map(|message| message.map(|m| m.delivery))
+            .map_err(|e| format!("basic.get on {queue}: {e}"))
+    }
+
+    /// Waits for the in-flight deliveries, at most `SHUTDOWN_GRACE`; what is left is aborted
+    /// and comes back from the broker.
+    async fn drain(&self, tasks: &mut Tasks) {
+        info!(
+            in_flight = tasks.set.len(),
+            grace_ms = self.settings.shutdown_grace.as_millis() as u64,
+            "stopping: draining in-flight deliveries"
+        );
+        let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
+            while tasks.set.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                left = tasks.set.len(),
+                "shutdown grace spent; the broker will redeliver what is left"
+            );
+            tasks.set.abort_all();
+        }
+    }
+
     /// Starts a consumer on the work queue.
-    async fn consume(&self, channel: &Channel) -> Result<Consumer, String> {
+    async fn start_consumer(&self, channel: &Channel) -> Result<Consumer, String> {
         channel
             .basic_consume(
                 self.topology.work_queue.name.as_str().into(),
@@ -347,9 +421,8 @@ impl Worker {
                 *intake = Intake::Draining(consumer);
             }
             (Some(State::Closed), Intake::Paused { .. }) => {
-                let consumer = self.consume(channel).await?;
-                let paused = std::mem::replace(intake, Intake::Paused { since: Instant::now() });
-                *intake = paused.resume(consumer, &self.metrics);
+                let consumer = self.start_consumer(channel).await?;
+                intake.resume(consumer, &self.metrics);
             }
             _ => {}
         }
@@ -357,7 +430,7 @@ impl Worker {
     }
 }
 
-/// Whether the session takes deliveries, as the Stripe circuit allows.
+/// Whether the connection takes deliveries, as the Stripe circuit allows.
 enum Intake {
     /// A consumer is running.
     Consuming(Consumer),
@@ -381,11 +454,11 @@ impl Intake {
     }
 
     /// Consuming again with `consumer`; the time paused is counted.
-    fn resume(self, consumer: Consumer, metrics: &Metrics) -> Self {
+    fn resume(&mut self, consumer: Consumer, metrics: &Metrics) {
         if let Self::Paused { since } = self {
             metrics.intake_paused_seconds.inc_by(since.elapsed().as_secs_f64());
         }
-        Self::Consuming(consumer)
+        *self = Self::Consuming(consumer);
     }
 
     /// When to fetch one message to probe Stripe with: once the cool-down has passed, while
@@ -423,7 +496,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The delivery tasks of one session.
+/// The delivery tasks of one connection.
 struct Tasks {
     handler: Arc<Handler>,
     set: JoinSet<()>,
@@ -459,7 +532,7 @@ impl Tasks {
 
 async fn close(connection: &Connection) {
     if connection.status().connected() {
-        let _ = connection.close(200, "payment-worker session ended".into()).await;
+        let _ = connection.close(200, "payment-worker connection ended".into()).await;
     }
 }
 
@@ -470,15 +543,15 @@ async fn requeue(acker: &lapin::Acker) {
     }
 }
 
-/// What one broker session shares among its delivery tasks.
+/// What one broker connection shares among its delivery tasks.
 struct Handler {
     topology: Arc<Topology>,
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
     urls: CheckoutUrls,
     publisher: Publisher,
-    /// Cancelled when a publish finds the channel broken: the session must start over.
-    session_failed: CancellationToken,
+    /// Cancelled when a publish finds the channel broken: the connection must start over.
+    connection_failed: CancellationToken,
 }
 
 /// Why an attempt, or the publish of its replacement, did not succeed; `detail` is recorded
@@ -500,15 +573,7 @@ impl Handler {
         let started_ms = retry::now_ms();
         let state = RetryState::from_properties(&delivery.properties);
         let attempt = state.attempts.saturating_add(1);
-        // Only known tiers become label values: a forged header cannot grow the label set.
-        if let (Some(tier), Some(spent)) = (&state.retry_tier, state.time_in_broker(started_ms))
-            && self.topology.retry.delays.iter().any(|d| d.label() == tier)
-        {
-            self.metrics
-                .retry_delay
-                .with_label_values(&[tier.as_str()])
-                .observe(spent.as_secs_f64());
-        }
+        self.observe_retry_delay(&state, started_ms);
         let origin = Origin {
             exchange: state
                 .original_exchange
@@ -528,29 +593,15 @@ impl Handler {
 
         async {
             let failure = self.attempt(&origin, command, &delivery.properties).await.err();
-            let delays = &self.topology.retry.delays;
-            let (mut action, mut detail) = match failure {
-                None => (decide(attempt, None, delays), String::new()),
-                Some(f) => (decide(attempt, Some(f.class), delays), f.detail),
+            let attempted = FailedAttempt {
+                origin: &origin,
+                state: &state,
+                number: attempt,
+                started_ms,
+                now_ms: started_ms,
+                error: "",
             };
-            // Each refused replacement leads to the next action, ending in an outcome.
-            let outcome = loop {
-                let failed = FailedAttempt {
-                    origin: &origin,
-                    state: &state,
-                    number: attempt,
-                    started_ms,
-                    now_ms: retry::now_ms(),
-                    error: &detail,
-                };
-                match self.execute(&delivery, &action, &failed).await {
-                    Ok(outcome) => break outcome,
-                    Err(refused) => {
-                        action = decide(attempt, Some(refused.class), delays);
-                        detail = refused.detail;
-                    }
-                }
-            };
+            let outcome = self.conclude(&delivery, attempted, failure).await;
             self.settle(&delivery, outcome).await;
             self.metrics.record_outcome(outcome, attempt);
             self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
@@ -567,7 +618,46 @@ impl Handler {
         .await;
     }
 
-    /// Checks the message, creates the session and publishes the event.
+    /// How long a retry copy really waited in the broker. Only known tiers become label
+    /// values: a forged header cannot grow the label set.
+    fn observe_retry_delay(&self, state: &RetryState, now_ms: u64) {
+        if let (Some(tier), Some(spent)) = (&state.retry_tier, state.time_in_broker(now_ms))
+            && self.topology.retry.delays.iter().any(|d| d.label() == tier)
+        {
+            self.metrics
+                .retry_delay
+                .with_label_values(&[tier.as_str()])
+                .observe(spent.as_secs_f64());
+        }
+    }
+
+    /// Decides what the attempt's `failure` (`None`: success) calls for and carries it out;
+    /// each replacement the broker refuses leads to the next decision, ending in an outcome.
+    async fn conclude(
+        &self,
+        delivery: &Delivery,
+        attempt: FailedAttempt<'_>,
+        failure: Option<Failure>,
+    ) -> Outcome {
+        let delays = &self.topology.retry.delays;
+        let (mut action, mut detail) = match failure {
+            None => (decide(attempt.number, None, delays), String::new()),
+            Some(f) => (decide(attempt.number, Some(f.class), delays), f.detail),
+        };
+        loop {
+            let failed =
+                FailedAttempt { now_ms: retry::now_ms(), error: &detail, ..attempt.clone() };
+            match self.execute(delivery, &action, &failed).await {
+                Ok(outcome) => return outcome,
+                Err(refused) => {
+                    action = decide(attempt.number, Some(refused.class), delays);
+                    detail = refused.detail;
+                }
+            }
+        }
+    }
+
+    /// Checks the message, creates the Checkout Session and publishes the event.
     async fn attempt(
         &self,
         origin: &Origin,
@@ -677,7 +767,7 @@ impl Handler {
                     // and idempotency makes the second pass harmless.
                     warn!(error = %e, "ack failed after the replacement was confirmed");
                     self.metrics.channel_errors.inc();
-                    self.session_failed.cancel();
+                    self.connection_failed.cancel();
                 }
             }
             Outcome::Requeued => requeue(&delivery.acker).await,
@@ -685,8 +775,8 @@ impl Handler {
         }
     }
 
-    /// Publishes on the session's confirm channel. A failure is counted; a broken channel also
-    /// ends the session, since nothing more can be published or acked on it.
+    /// Publishes on the connection's confirm channel. A failure is counted; a broken channel
+    /// also ends the connection, since nothing more can be published or acked on it.
     async fn publish(
         &self,
         exchange: &str,
@@ -698,7 +788,7 @@ impl Handler {
         if let Err(e) = &result {
             self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
             if e.is_channel_failure() {
-                self.session_failed.cancel();
+                self.connection_failed.cancel();
             }
         }
         result
@@ -728,70 +818,9 @@ fn call_failure(error: CallError) -> Failure {
 /// Properties of an event published on behalf of `incoming`: persistent JSON with a
 /// deterministic message id, continuing the incoming W3C trace.
 pub fn event_properties(message_id: String, incoming: &BasicProperties) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    if let Some(incoming) = incoming.headers()
-        && let Some(parent) =
-            retry::string(incoming, "traceparent").and_then(|p| continue_trace(&p))
-    {
-        headers.insert("traceparent".into(), AMQPValue::LongString(LongString::from(parent)));
-        for key in ["tracestate", "baggage"] {
-            if let Some(value) = retry::string(incoming, key).filter(|v| !v.is_empty()) {
-                headers.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
-            }
-        }
-    }
     let properties = persistent_json().with_message_id(message_id.into());
-    if headers.inner().is_empty() { properties } else { properties.with_headers(headers) }
-}
-
-/// A `traceparent` for a child span of `parent`: same trace id and flags, a new span id.
-/// `None` when `parent` is not a valid version-00 traceparent.
-pub fn continue_trace(parent: &str) -> Option<String> {
-    let parts: Vec<&str> = parent.trim().split('-').collect();
-    let hex = |s: &str, len: usize| {
-        s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    };
-    match parts.as_slice() {
-        [version, trace, span, flags]
-            if hex(version, 2)
-                && *version != "ff"
-                && hex(trace, 32)
-                && hex(span, 16)
-                && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0')
-                && span.bytes().any(|b| b != b'0') =>
-        {
-            let child = loop {
-                let id: u64 = rand::random();
-                if id != 0 {
-                    break id;
-                }
-            };
-            Some(format!("00-{trace}-{child:016x}-{flags}"))
-        }
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn continues_a_valid_trace_with_a_new_span() {
-        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let child = continue_trace(parent).unwrap();
-        assert!(child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
-        assert!(child.ends_with("-01"));
-        assert_ne!(child, parent);
-        assert_eq!(child.len(), parent.len());
-        for bad in [
-            "",
-            "00-abc-def-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ] {
-            assert_eq!(continue_trace(bad), None, "{bad}");
-        }
+    match trace::continued(incoming) {
+        Some(headers) => properties.with_headers(headers),
+        None => properties,
     }
 }

@@ -12,6 +12,7 @@ use super::{OpsError, channel, close, connect, describe, print_json};
 use crate::broker::Publisher;
 use crate::cli::GlobalArgs;
 use crate::contract::{CreateSession, Envelope};
+use crate::headers;
 use crate::retry::{self, RetryState};
 use crate::topology::Topology;
 
@@ -173,11 +174,12 @@ impl ParkedEntry {
                 .or_else(|| Envelope::decode(body).ok().map(|e| e.owner_id)),
             amount: command.as_ref().map(|c| c.amount.get()),
             currency: command.as_ref().map(|c| c.currency.as_received().to_owned()),
-            reason: retry::string(&headers, retry::PARK_REASON).unwrap_or_else(|| "unknown".into()),
-            detail: retry::string(&headers, retry::PARK_DETAIL).unwrap_or_default(),
+            reason: headers::string(&headers, retry::PARK_REASON)
+                .unwrap_or_else(|| "unknown".into()),
+            detail: headers::string(&headers, retry::PARK_DETAIL).unwrap_or_default(),
             attempts: state.attempts,
             first_failure_at_ms: state.first_failure_at,
-            parked_at_ms: retry::int(&headers, retry::PARKED_AT)
+            parked_at_ms: headers::int(&headers, retry::PARKED_AT)
                 .and_then(|n| u64::try_from(n).ok()),
         }
     }
