@@ -1,7 +1,12 @@
+{{/* The chart's name, or nameOverride; 63 characters at most (a DNS label). */}}
 {{- define "payment-worker.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+The name of every object: fullnameOverride, or the release name, followed by the chart's name
+unless the release name already contains it; 63 characters at most.
+*/}}
 {{- define "payment-worker.fullname" -}}
 {{- if .Values.fullnameOverride }}
 {{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
@@ -15,15 +20,21 @@
 {{- end }}
 {{- end }}
 
+{{/* The chart's name and version, for the helm.sh/chart label. */}}
 {{- define "payment-worker.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+The labels that select the pods: name and instance only, since a Deployment's selector can never
+change after it is created.
+*/}}
 {{- define "payment-worker.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "payment-worker.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The labels of every object: the selector labels plus chart, version and manager. */}}
 {{- define "payment-worker.labels" -}}
 helm.sh/chart: {{ include "payment-worker.chart" . }}
 {{ include "payment-worker.selectorLabels" . }}
@@ -32,6 +43,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: worker
 {{- end }}
 
+{{/* The ServiceAccount the pods run as: the chart's own, or the one named in values. */}}
 {{- define "payment-worker.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "payment-worker.fullname" .) .Values.serviceAccount.name }}
@@ -71,6 +83,10 @@ app.kubernetes.io/component: worker
 {{- end }}
 {{- end }}
 
+{{/*
+A duration written like the worker's settings (500ms, 20s, 2m) in whole seconds, for comparing
+worker.shutdownGrace with terminationGracePeriodSeconds; fails on another unit.
+*/}}
 {{- define "payment-worker.durationSeconds" -}}
 {{- $d := . | toString }}
 {{- if hasSuffix "ms" $d }}{{ div (trimSuffix "ms" $d | atoi) 1000 }}
