@@ -20,21 +20,19 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use payment_worker::contract::CreateSession;
 use payment_worker::stripe::{CheckoutUrls, StripeApi};
 use testkit::amqp::command;
+use testkit::names::{EVENTS, WORK};
 use testkit::node::RabbitNode;
+use testkit::pod::{Pod, ready_within};
+use testkit::stats::{env_usize, percentile};
 use testkit::stripe::{Behaviour, Outage, SECRET_KEY, StripeStandin};
 use testkit::vhost::Vhost;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_payment-worker");
-const EVENTS: &str = "notify_payment_session_created";
 /// For the sections that measure the worker itself against a stand-in without a rate limit:
 /// the adaptive Stripe rate starts high instead of at 10 a second (it would double each second
 /// and stop being the bottleneck after a few seconds anyway).
 const UNPACED: &[&str] = &["--stripe-initial-rps", "100000"];
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// Median, min and max of a sample.
 #[derive(Clone, Copy)]
@@ -53,11 +51,6 @@ impl Stat {
     fn show(&self, unit: &str) -> String {
         format!("{:.1}{unit} ({:.1}–{:.1})", self.median, self.min, self.max)
     }
-}
-
-struct Pod {
-    child: Child,
-    http: std::net::SocketAddr,
 }
 
 async fn start_pod(
@@ -81,21 +74,14 @@ async fn start_pod(
     if let Some(stripe) = stripe {
         command.args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &stripe.base_url()]);
     }
-    command.args(extra);
+    command.args(extra).stdout(Stdio::null()).stderr(Stdio::null());
     let started = Instant::now();
-    let child =
-        command.stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true).spawn().unwrap();
-    wait_ready(http).await;
-    (Pod { child, http }, started.elapsed())
+    let pod = Pod::start(command, http, READY_WITHIN).await;
+    (pod, started.elapsed())
 }
 
-async fn wait_ready(http: std::net::SocketAddr) {
-    let ready = testkit::eventually(Duration::from_secs(60), || async move {
-        matches!(testkit::http_get(http, "/readyz").await, Some((200, _))).then_some(())
-    })
-    .await;
-    assert!(ready.is_some(), "worker never became ready");
-}
+/// How long a worker may take to become ready (a broker cold start included).
+const READY_WITHIN: Duration = Duration::from_secs(60);
 
 /// (CPU seconds, peak RSS MiB, current RSS MiB) of a process, from /proc.
 fn usage(pid: u32) -> (f64, f64, f64) {
@@ -209,7 +195,7 @@ async fn bare_throughput(n: usize, prefetch: usize) -> f64 {
     consume.basic_qos(u16::try_from(prefetch).unwrap(), BasicQosOptions::default()).await.unwrap();
     let mut consumer = consume
         .basic_consume(
-            "payment_trip_response".into(),
+            WORK.into(),
             "bare".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -262,7 +248,7 @@ async fn go_style(uri: &str, stripe: &StripeStandin, n: usize) {
     consume.basic_qos(1, BasicQosOptions::default()).await.unwrap();
     let mut consumer = consume
         .basic_consume(
-            "payment_trip_response".into(),
+            WORK.into(),
             "go".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -408,12 +394,6 @@ async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
         .collect()
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else is read from the command line.
@@ -555,7 +535,7 @@ async fn main() {
             let (pod, _) = start_pod(&node.uri(), None, 16, &[]).await;
             tokio::task::block_in_place(|| node.kill_and_restart());
             let back = Instant::now();
-            wait_ready(pod.http).await;
+            assert!(ready_within(pod.http, READY_WITHIN).await, "the worker never came back");
             broker.push(back.elapsed().as_secs_f64() * 1000.0);
             drop(pod);
         }

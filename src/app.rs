@@ -29,7 +29,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("cannot build the broker connection pool: {0}")]
-    Pool(String),
+    Pool(#[from] deadpool_lapin::CreatePoolError),
     #[error(transparent)]
     Topology(#[from] crate::topology::TopologyError),
     #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
@@ -64,7 +64,7 @@ impl App {
         let gateway = match args.stripe_secret_key()? {
             Some(secret) => Gateway::stripe(
                 StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout).map_err(
-                    |reason| ConfigError::new("STRIPE_API_BASE", "stripe-api-base", reason),
+                    |e| ConfigError::new("STRIPE_API_BASE", "stripe-api-base", e.to_string()),
                 )?,
                 FlowControl::new(breaker, pacer, metrics.clone()),
                 metrics.clone(),
@@ -76,7 +76,7 @@ impl App {
             .await
             .map_err(|source| StartError::Bind { addr: args.http_addr, source })?;
         let readiness = Readiness::new(metrics.ready.clone());
-        let pool = broker::pool(&uri, "payment-worker", 2).map_err(StartError::Pool)?;
+        let pool = broker::pool(&uri, "payment-worker", 2)?;
         if gateway.is_mock() {
             warn!(
                 "MOCK MODE: STRIPE_SECRET_KEY is unset, sessions are fake \

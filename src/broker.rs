@@ -3,7 +3,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use deadpool_lapin::{Config, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_lapin::{Config, CreatePoolError, Pool, PoolConfig, Runtime, Timeouts};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -17,7 +17,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// # Errors
 /// When the pool cannot be built (it needs a running tokio runtime).
-pub fn pool(uri: &SecretString, connection_name: &str, max_size: usize) -> Result<Pool, String> {
+pub fn pool(
+    uri: &SecretString,
+    connection_name: &str,
+    max_size: usize,
+) -> Result<Pool, CreatePoolError> {
     let config = Config {
         url: Some(uri.expose_secret().to_owned()),
         pool: Some(PoolConfig {
@@ -31,12 +35,10 @@ pub fn pool(uri: &SecretString, connection_name: &str, max_size: usize) -> Resul
         }),
     };
     let name = connection_name.to_owned();
-    config
-        .create_pool(
-            move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
-            Runtime::Tokio1,
-        )
-        .map_err(|e| e.to_string())
+    config.create_pool(
+        move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
+        Runtime::Tokio1,
+    )
 }
 
 /// The broker URI without its password, for logs and error messages.

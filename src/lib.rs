@@ -43,3 +43,15 @@ pub mod topology;
 pub mod trace;
 pub mod webhook;
 pub mod worker;
+
+/// An error and its sources, joined with `: `.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

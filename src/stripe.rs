@@ -30,6 +30,7 @@ use tokio::sync::watch;
 
 use crate::breaker::{Signal, Spread, State};
 use crate::contract::CreateSession;
+use crate::error_chain;
 use crate::flow::FlowControl;
 use crate::metrics::Metrics;
 
@@ -281,6 +282,11 @@ pub fn checkout_params(cmd: &CreateSession, urls: &CheckoutUrls) -> CreateChecko
         .metadata(metadata)
 }
 
+/// A Stripe API base URL that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidBase(String);
+
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Stripe's HTTP API at a configurable base URL.
@@ -323,14 +329,15 @@ struct ErrorDetail {
 impl StripeApi {
     /// # Errors
     /// When `base` is not an absolute http(s) URL.
-    pub fn new(base: &str, secret: SecretString, timeout: Duration) -> Result<Self, String> {
+    pub fn new(base: &str, secret: SecretString, timeout: Duration) -> Result<Self, InvalidBase> {
         let mut base = base.to_owned();
         if !base.ends_with('/') {
             base.push('/');
         }
-        let uri: hyper::Uri = base.parse().map_err(|e| format!("{base:?} is not a URL: {e}"))?;
+        let uri: hyper::Uri =
+            base.parse().map_err(|e| InvalidBase(format!("{base:?} is not a URL: {e}")))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(format!("{base:?} is not an absolute http or https URL"));
+            return Err(InvalidBase(format!("{base:?} is not an absolute http or https URL")));
         }
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
@@ -415,18 +422,6 @@ impl StripeApi {
                 .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect()),
         })
     }
-}
-
-/// An error and its sources, joined with `: `.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

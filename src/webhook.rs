@@ -28,7 +28,7 @@ use sha2::Sha256;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{error, info, warn};
 
-use crate::broker::{Publisher, persistent_json};
+use crate::broker::{PublishError, Publisher, persistent_json};
 use crate::contract::{Envelope, PaymentSucceeded};
 use crate::metrics::Metrics;
 use crate::topology::Topology;
@@ -132,6 +132,17 @@ impl Reply {
             Self::PublishFailed => "publish_failed",
         }
     }
+}
+
+/// Why `payment.event.success` was not confirmed.
+#[derive(Debug, thiserror::Error)]
+enum NotPublished {
+    #[error("connecting: {0}")]
+    Connect(deadpool_lapin::PoolError),
+    #[error("opening a channel: {0}")]
+    Channel(lapin::Error),
+    #[error(transparent)]
+    Publish(PublishError),
 }
 
 /// A verified event that calls for `payment.event.success`.
@@ -243,7 +254,11 @@ impl Webhook {
         }
     }
 
-    async fn publish(&self, event_id: &str, success: &PaymentSucceeded) -> Result<(), String> {
+    async fn publish(
+        &self,
+        event_id: &str,
+        success: &PaymentSucceeded,
+    ) -> Result<(), NotPublished> {
         let body = Envelope::encode(&success.user_id, success);
         let mut properties = persistent_json();
         if !event_id.is_empty() {
@@ -251,12 +266,8 @@ impl Webhook {
         }
         let mut slot = self.publisher.lock().await;
         if slot.as_ref().is_none_or(|p| !p.channel().status().connected()) {
-            let connection = self.pool.get().await.map_err(|e| format!("connecting: {e}"))?;
-            *slot = Some(
-                Publisher::open(&connection)
-                    .await
-                    .map_err(|e| format!("opening a channel: {e}"))?,
-            );
+            let connection = self.pool.get().await.map_err(NotPublished::Connect)?;
+            *slot = Some(Publisher::open(&connection).await.map_err(NotPublished::Channel)?);
         }
         let publisher = slot.as_ref().expect("just opened");
         let result = publisher
@@ -273,7 +284,7 @@ impl Webhook {
                 *slot = None;
             }
         }
-        result.map_err(|e| e.to_string())
+        result.map_err(NotPublished::Publish)
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentIds> {

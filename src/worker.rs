@@ -39,10 +39,11 @@ use crate::breaker::{Signal, State};
 use crate::broker::{PublishError, Publisher, persistent_json};
 use crate::contract::{CreateSession, InvalidMessage};
 use crate::decision::{Action, Class, decide};
+use crate::error_chain;
 use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::retry::{self, FailedAttempt, Origin, ParkReason, RetryState};
-use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError, error_chain};
+use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError};
 use crate::topology::{Topology, TopologyError};
 use crate::trace;
 

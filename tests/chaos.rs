@@ -23,8 +23,11 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use testkit::amqp::{command, inner};
+use testkit::names::{EVENTS, PARKED, WAIT_QUEUES, WORK};
 use testkit::node::RabbitNode;
+use testkit::pod::Pod;
 use testkit::proxy::FaultProxy;
+use testkit::stats::{env_usize, percentile};
 use testkit::stripe::{Behaviour, Outage, RandomFailures, SECRET_KEY, StripeStandin};
 use tokio::process::{Child, Command};
 
@@ -60,9 +63,7 @@ enum Fault {
 
 impl Params {
     fn from_env(defaults: Params) -> Params {
-        let get = |name: &str, default: usize| {
-            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-        };
+        let get = env_usize;
         Params {
             trips: get("CHAOS_TRIPS", defaults.trips),
             publish_for: Duration::from_secs(get(
@@ -122,7 +123,8 @@ impl Harness {
         let http = testkit::free_loopback_addr();
         let log =
             std::fs::File::create(self.logs.join(format!("pod-{}.log", self.started))).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_payment-worker"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_payment-worker"));
+        command
             .args([
                 "--rabbitmq-uri",
                 &format!("amqp://guest:guest@{}/%2f", self.proxy.addr()),
@@ -147,16 +149,8 @@ impl Harness {
             ])
             .args(["--prefetch", "16", "--log-format", "text"])
             .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start a pod");
-        let ready = testkit::eventually(Duration::from_secs(30), || async move {
-            matches!(testkit::http_get(http, "/readyz").await, Some((200, _))).then_some(())
-        })
-        .await;
-        assert!(ready.is_some(), "pod {} never became ready", self.started);
-        child
+            .stderr(log);
+        Pod::start(command, http, Duration::from_secs(30)).await.child
     }
 }
 
@@ -235,7 +229,7 @@ async fn observe_events(uri: String, observed: Arc<Mutex<Observed>>) {
         let Ok(channel) = connection.create_channel().await else { continue };
         let Ok(mut consumer) = channel
             .basic_consume(
-                "notify_payment_session_created".into(),
+                EVENTS.into(),
                 "chaos-observer".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -271,14 +265,12 @@ async fn depth(uri: &str, queue: &str) -> Option<u32> {
 
 async fn parked_trips(uri: &str) -> BTreeSet<String> {
     let client = testkit::amqp::Client::connect(uri).await;
-    let parked = client.take("payment_parked", usize::MAX, Duration::from_millis(500)).await;
+    let parked = client.take(PARKED, usize::MAX, Duration::from_millis(500)).await;
     parked
         .iter()
         .map(|m| inner(&m.body)["tripID"].as_str().unwrap_or_default().to_owned())
         .collect()
 }
-
-const WAIT_QUEUES: [&str; 3] = ["payment_wait_1s", "payment_wait_2s", "payment_wait_4s"];
 
 async fn run(params: Params) {
     let run_started = Instant::now();
@@ -400,7 +392,7 @@ async fn run(params: Params) {
             if !done {
                 return None;
             }
-            for queue in WAIT_QUEUES.iter().chain(["payment_trip_response"].iter()) {
+            for queue in WAIT_QUEUES.iter().chain([WORK].iter()) {
                 if depth(&uri, queue).await != Some(0) {
                     return None;
                 }
@@ -437,21 +429,13 @@ async fn run(params: Params) {
         .filter(|(_, (copies, _))| copies.iter().collect::<BTreeSet<_>>().len() > 1)
         .map(|(trip, _)| trip)
         .collect();
-    let mut latencies: Vec<f64> = observed
+    let latencies: Vec<f64> = observed
         .events
         .iter()
         .filter_map(|(trip, (_, at))| {
             Some(at.duration_since(*observed.published.get(trip)?).as_secs_f64())
         })
         .collect();
-    latencies.sort_by(f64::total_cmp);
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-
     println!(
         "chaos: trips={} pods={} kills={kills} sigterms={sigterms} broker_restarts={restarts} connection_cuts={} stripe_outages={outages} stripe_sessions={} duplicate_sessions={duplicate_sessions} lost={} duplicate_events={duplicate_events} parked={} p50={:.3}s p99={:.3}s wall={:.0}s",
         trips.len(),
@@ -460,8 +444,8 @@ async fn run(params: Params) {
         created.len(),
         lost.len(),
         parked.len(),
-        percentile(0.5),
-        percentile(0.99),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
         run_started.elapsed().as_secs_f64(),
     );
     let log_hint = format!("pod logs in {}", logs.display());

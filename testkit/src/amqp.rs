@@ -66,10 +66,17 @@ impl Received {
         }
     }
 
+    /// An integer header, whichever integer type it was sent as (the eight the worker reads).
     pub fn header_int(&self, key: &str) -> Option<i64> {
         match self.properties.headers().as_ref()?.inner().get(key)? {
-            AMQPValue::LongLongInt(n) => Some(*n),
+            AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+            AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+            AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+            AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
             AMQPValue::LongInt(n) => Some(i64::from(*n)),
+            AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+            AMQPValue::LongLongInt(n) => Some(*n),
+            AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
             _ => None,
         }
     }

@@ -8,10 +8,18 @@
 //! - [`amqp`]: publishing commands and reading queues the way the trip system would.
 //! - [`node`]: a RabbitMQ node of a test's own, to stop and kill freely.
 //! - [`proxy::FaultProxy`]: a TCP proxy that cuts and delays connections.
+//! - [`pod::Pod`]: the worker binary as a child process, ready when `/readyz` says so.
+//! - [`cli`]: the operator commands, run as an operator would.
+//! - [`names`]: the default profile's queue names.
+//! - [`stats`]: sizes from the environment and percentiles, for the long runs.
 
 pub mod amqp;
+pub mod cli;
+pub mod names;
 pub mod node;
+pub mod pod;
 pub mod proxy;
+pub mod stats;
 pub mod stripe;
 pub mod vhost;
 

@@ -75,7 +75,7 @@ async fn a_command_becomes_a_session_and_a_contract_exact_event() {
     assert_ne!(traceparent, TRACEPARENT, "a new span id");
     assert_eq!(event.header_string("tracestate").as_deref(), Some("vendor=1"));
 
-    assert_eq!(world.client.depth("payment_trip_response").await, 0);
+    assert_eq!(world.client.depth(crate::helpers::WORK).await, 0);
     worker.stop().await.unwrap();
 }
 

@@ -168,7 +168,8 @@ async fn failures_of_single_payments_never_open_the_circuit() {
 async fn a_replica_killed_while_its_circuit_is_open_loses_nothing() {
     let world = World::new("open-kill").await;
     world.stripe.set_outage(Some(Outage::Unavailable));
-    let (mut first, http) = spawn_binary(&world, &[]).await;
+    let mut first = spawn_binary(&world, &[]).await;
+    let http = first.http;
     let trips: Vec<String> = (0..10).map(|i| format!("held-{i}")).collect();
     for trip in &trips {
         world.client.send_command(&command(trip, "u", 1500.0, "USD")).await;
@@ -184,11 +185,12 @@ async fn a_replica_killed_while_its_circuit_is_open_loses_nothing() {
         Some(200),
         "ready while the circuit is open: Stripe is down, not the pod"
     );
-    first.start_kill().expect("SIGKILL");
-    first.wait().await.expect("reaped");
+    first.child.start_kill().expect("SIGKILL");
+    first.child.wait().await.expect("reaped");
 
     // The replacement starts closed, and opens on its own first failures.
-    let (mut second, http) = spawn_binary(&world, &[]).await;
+    let mut second = spawn_binary(&world, &[]).await;
+    let http = second.http;
     let transitions = r#"payment_worker_stripe_circuit_transitions_total{to="open"}"#;
     let reopened = testkit::eventually(Duration::from_secs(10), || async {
         (metric(http, transitions).await == 1.0).then_some(())
@@ -201,6 +203,6 @@ async fn a_replica_killed_while_its_circuit_is_open_loses_nothing() {
     assert_eq!(distinct_trips(&events).len(), trips.len(), "nothing lost");
     assert_one_session_per_trip(&world, &trips, &events);
     assert_eq!(world.client.depth(PARKED).await, 0, "nothing parked");
-    second.start_kill().unwrap();
-    second.wait().await.unwrap();
+    second.child.start_kill().unwrap();
+    second.child.wait().await.unwrap();
 }

@@ -10,16 +10,14 @@ use payment_worker::app::App;
 use payment_worker::cli::{Cli, Command};
 use payment_worker::worker::WorkerError;
 use testkit::amqp::Client;
+use testkit::http_get;
+use testkit::pod::{Pod, ready_within};
 use testkit::stripe::{SECRET_KEY, StripeStandin};
 use testkit::vhost::Vhost;
-use testkit::{eventually, http_get};
-use tokio::process::Child;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const EVENTS: &str = "notify_payment_session_created";
-pub const PARKED: &str = "payment_parked";
-pub const WORK: &str = "payment_trip_response";
+pub use testkit::names::{EVENTS, PARKED, WORK};
 
 pub struct World {
     pub stripe: StripeStandin,
@@ -111,24 +109,16 @@ impl World {
     }
 }
 
-/// Starts the real binary as a "pod" on this world and waits until it is ready; returns it
-/// with its HTTP address.
-pub async fn spawn_binary(world: &World, extra: &[&str]) -> (Child, SocketAddr) {
+/// Starts the real binary as a "pod" on this world and waits until it is ready.
+pub async fn spawn_binary(world: &World, extra: &[&str]) -> Pod {
     let http = testkit::free_loopback_addr();
     let http_arg = http.to_string();
     let mut flags = vec!["--http-addr", http_arg.as_str()];
     flags.extend_from_slice(extra);
     let args = world.args(&flags);
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"))
-        .args(&args[1..])
-        .env("LOG_FORMAT", "text")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the worker binary");
-    wait_ready(http).await;
-    (child, http)
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"));
+    command.args(&args[1..]).env("LOG_FORMAT", "text").stdout(Stdio::null()).stderr(Stdio::null());
+    Pod::start(command, http, READY_WITHIN).await
 }
 
 /// The value of one sample (`name` with its labels, as exported) of a worker's metrics; 0 when
@@ -150,10 +140,9 @@ pub async fn metric_sum(http: SocketAddr, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// How long a worker may take to become ready.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
 pub async fn wait_ready(http: SocketAddr) {
-    let ready = eventually(Duration::from_secs(20), || async move {
-        matches!(http_get(http, "/readyz").await, Some((200, _))).then_some(())
-    })
-    .await;
-    assert!(ready.is_some(), "worker at {http} never became ready");
+    assert!(ready_within(http, READY_WITHIN).await, "worker at {http} never became ready");
 }

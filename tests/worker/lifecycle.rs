@@ -39,7 +39,7 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     std::fs::write(&profile, text).unwrap();
     let profile_arg = profile.to_str().unwrap().to_owned();
     world.stripe.script("k-1", [Behaviour::unavailable()]);
-    let (mut first, _) = spawn_binary(&world, &["--topology", &profile_arg]).await;
+    let mut first = spawn_binary(&world, &["--topology", &profile_arg]).await;
     world.client.send_command(&command("k-1", "u", 100.0, "USD")).await;
 
     // Once the retry copy sits in the wait queue and the original is acked, kill the worker
@@ -59,12 +59,12 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     })
     .await;
     assert!(waiting.is_some(), "the retry copy never reached the wait queue");
-    first.start_kill().expect("SIGKILL");
-    first.wait().await.expect("reaped");
+    first.child.start_kill().expect("SIGKILL");
+    first.child.wait().await.expect("reaped");
     assert!(world.client.take(EVENTS, 1, Duration::from_millis(100)).await.is_empty());
 
     // The retry survives in the broker; a new worker completes the trip once.
-    let (mut second, _) = spawn_binary(&world, &["--topology", &profile_arg]).await;
+    let mut second = spawn_binary(&world, &["--topology", &profile_arg]).await;
     let events = world.client.take(EVENTS, 1, Duration::from_secs(20)).await;
     assert_eq!(events.len(), 1);
     assert_eq!(world.stripe.created_for("k-1").len(), 1, "one Stripe session");
@@ -73,7 +73,7 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
         world.client.take(EVENTS, 1, Duration::from_secs(2)).await.is_empty(),
         "no duplicate event"
     );
-    second.start_kill().unwrap();
-    second.wait().await.unwrap();
+    second.child.start_kill().unwrap();
+    second.child.wait().await.unwrap();
     let _ = std::fs::remove_file(&profile);
 }

@@ -16,18 +16,7 @@ async fn cli(world: &World, args: &[&str]) -> (i32, String, String) {
 }
 
 async fn cli_on(uri: &str, args: &[&str]) -> (i32, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"))
-        .arg("--rabbitmq-uri")
-        .arg(uri)
-        .args(args)
-        .output()
-        .await
-        .expect("run the binary");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    testkit::cli::run(env!("CARGO_BIN_EXE_payment-worker"), uri, args).await
 }
 
 /// A transient-looking 400 that Stripe does not save, so a replay after it succeeds.

@@ -56,7 +56,7 @@ async fn one_two_and_three_transient_failures_succeed_after_their_delays() {
         let keys: Vec<_> = seen.iter().map(|s| s.idempotency_key.clone().unwrap()).collect();
         assert!(keys.iter().all(|k| k == &keys[0]), "{trip}: the same key every time");
     }
-    for wait in ["payment_wait_1s", "payment_wait_2s", "payment_wait_4s", PARKED] {
+    for wait in testkit::names::WAIT_QUEUES.into_iter().chain([PARKED]) {
         assert_eq!(world.client.depth(wait).await, 0, "{wait} is empty");
     }
     worker.stop().await.unwrap();

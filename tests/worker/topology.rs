@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, World, repo_path};
+use crate::helpers::{EVENTS, WORK, World, repo_path};
 
 /// Declares the work queue and exchanges exactly as the Go services do.
 async fn declare_like_go(world: &World) {
@@ -27,7 +27,7 @@ async fn declare_like_go(world: &World) {
     let mut arguments = FieldTable::default();
     arguments
         .insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("dlx")));
-    for queue in ["payment_trip_response", "notify_payment_session_created"] {
+    for queue in [WORK, EVENTS] {
         channel
             .queue_declare(
                 queue.into(),
@@ -62,7 +62,7 @@ async fn a_queue_with_other_arguments_stops_the_worker_with_a_clear_error() {
     );
     channel
         .queue_declare(
-            "payment_trip_response".into(),
+            WORK.into(),
             QueueDeclareOptions { durable: true, ..Default::default() },
             arguments,
         )
