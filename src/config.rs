@@ -120,7 +120,8 @@ pub struct RunArgs {
     #[arg(long, env = "STRIPE_RATE_DECREASE", default_value_t = 0.7, value_parser = parse_fraction)]
     pub stripe_rate_decrease: f64,
 
-    /// Stripe-wide failures (timeouts, connection errors, 5xx) in a row that open the circuit.
+    /// Stripe-wide failures (timeouts, connection errors, 5xx) of different payments in a row
+    /// that open the circuit.
     #[arg(long, env = "STRIPE_BREAKER_CONSECUTIVE", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub stripe_breaker_consecutive: u32,
 

@@ -126,12 +126,15 @@ impl Permit<'_> {
         let signal = result.map_or_else(StripeError::signal, |()| Signal::Answered);
         {
             let mut pacer = self.flow.pacer();
-            if signal == Signal::Throttled {
-                if pacer.on_rate_limited(now, self.slot.at) {
-                    debug!(rate = pacer.rate(), "Stripe rate limit: slowing down");
+            match signal {
+                Signal::Throttled => {
+                    if pacer.on_rate_limited(now, self.slot.at) {
+                        debug!(rate = pacer.rate(), "Stripe rate limit: slowing down");
+                    }
                 }
-            } else {
-                pacer.on_answer(self.slot);
+                // Only answers show that Stripe takes the rate; a failing Stripe says nothing.
+                Signal::Answered => pacer.on_answer(self.slot),
+                Signal::Failed => {}
             }
             if let Some(wait) = result.err().and_then(StripeError::retry_after) {
                 pacer.hold_until(now, wait);

@@ -84,7 +84,8 @@ impl Pacer {
         Slot { at, waited: at > now }
     }
 
-    /// A call answered without a 429. Grows the rate if the call had waited for its slot.
+    /// Stripe answered a call (not a 429, not a failure of Stripe's). Grows the rate if the
+    /// call had waited for its slot.
     pub fn on_answer(&mut self, slot: Slot) {
         if !slot.waited {
             return;

@@ -226,7 +226,11 @@ impl Webhook {
             Err(reply) => return reply,
         };
         if !paid.event_id.is_empty() && self.recent().contains(&paid.event_id) {
-            info!(event_id = paid.event_id, trip_id = %paid.success.trip_id, "duplicate webhook delivery; already published");
+            info!(
+                event_id = paid.event_id,
+                trip_id = %paid.success.trip_id,
+                "duplicate webhook delivery; already published",
+            );
             return Reply::Duplicate;
         }
         self.publish_success(&paid).await
@@ -240,15 +244,29 @@ impl Webhook {
                 if !event_id.is_empty() {
                     self.recent().insert(event_id.clone());
                 }
-                info!(event_id, trip_id = %success.trip_id, amount_cents = success.amount_cents, "payment success published");
+                info!(
+                    event_id,
+                    trip_id = %success.trip_id,
+                    amount_cents = success.amount_cents,
+                    "payment success published",
+                );
                 Reply::Published
             }
             Ok(Err(e)) => {
-                error!(event_id, trip_id = %success.trip_id, error = %e, "payment success not confirmed by the broker; answering 500 so Stripe retries");
+                error!(
+                    event_id,
+                    trip_id = %success.trip_id,
+                    error = %e,
+                    "payment success not confirmed by the broker; answering 500 so Stripe retries",
+                );
                 Reply::PublishFailed
             }
             Err(_) => {
-                error!(event_id, trip_id = %success.trip_id, "broker did not confirm in time; answering 500 so Stripe retries");
+                error!(
+                    event_id,
+                    trip_id = %success.trip_id,
+                    "broker did not confirm in time; answering 500 so Stripe retries",
+                );
                 Reply::PublishFailed
             }
         }

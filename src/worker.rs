@@ -191,7 +191,11 @@ impl Worker {
                             last: cause,
                         });
                     };
-                    warn!(cause = %cause, retry_in_ms = delay.as_millis() as u64, "broker session lost, reconnecting");
+                    warn!(
+                        cause = %cause,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "broker session lost, reconnecting",
+                    );
                     self.metrics.broker_reconnects.inc();
                     tokio::select! {
                         () = shutdown.cancelled() => return Ok(()),
@@ -217,7 +221,12 @@ impl Worker {
                 return end;
             }
         };
-        info!(queue = %self.topology.work_queue.name, prefetch = self.settings.prefetch, profile = %self.topology.profile, "consuming");
+        info!(
+            queue = %self.topology.work_queue.name,
+            prefetch = self.settings.prefetch,
+            profile = %self.topology.profile,
+            "consuming",
+        );
         self.readiness.set_ready();
         self.metrics.broker_connected.set(1);
 
@@ -316,7 +325,9 @@ impl Worker {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return None,
-                () = connection_failed.cancelled() => return Some("a channel failed while publishing".to_owned()),
+                () = connection_failed.cancelled() => {
+                    return Some("a channel failed while publishing".to_owned());
+                }
                 Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
                     if probe == Some(id) {
                         probe = None;
@@ -339,7 +350,10 @@ impl Worker {
                             return Some(cause);
                         }
                     }
-                    None => return Some(format!("the broker cancelled the consumer on {}", self.topology.work_queue.name)),
+                    None => {
+                        let queue = &self.topology.work_queue.name;
+                        return Some(format!("the broker cancelled the consumer on {queue}"));
+                    }
                 },
                 () = sleep_until(probe_at), if probe_at.is_some() => {
                     match self.fetch_probe(channel).await {
@@ -590,7 +604,12 @@ impl Handler {
             Ok(command) => command.trip_id.clone(),
             Err(_) => CreateSession::trip_id_hint(&delivery.data).unwrap_or_default(),
         };
-        let span = info_span!("command", trip_id = %trip_id, attempt, delivery_tag = delivery.delivery_tag);
+        let span = info_span!(
+            "command",
+            trip_id = %trip_id,
+            attempt,
+            delivery_tag = delivery.delivery_tag,
+        );
 
         async {
             let failure = self.attempt(&origin, command, &delivery.properties).await.err();
@@ -685,7 +704,12 @@ impl Handler {
         let routing_key = &self.topology.routing_keys.session_created;
         match self.publish(&self.topology.exchanges.trip, routing_key, &body, properties).await {
             Ok(()) => {
-                info!(outcome = "succeeded", session_id = %session.id, replayed = session.replayed, "session created, event published");
+                info!(
+                    outcome = "succeeded",
+                    session_id = %session.id,
+                    replayed = session.replayed,
+                    "session created, event published",
+                );
                 Ok(())
             }
             Err(e) if e.is_channel_failure() => Err(Failure::new(Class::Channel, e.to_string())),
@@ -735,13 +759,27 @@ impl Handler {
             Ok(()) => {
                 match outcome {
                     Outcome::Retried => {
-                        info!(outcome = "retried", tier = routing_key, error = %failed.error, "attempt failed, retry scheduled in the broker")
+                        info!(
+                            outcome = "retried",
+                            tier = routing_key,
+                            error = %failed.error,
+                            "attempt failed, retry scheduled in the broker",
+                        )
                     }
                     Outcome::Parked(reason) => {
-                        warn!(outcome = "parked", reason = reason.as_str(), error = %failed.error, "message parked")
+                        warn!(
+                            outcome = "parked",
+                            reason = reason.as_str(),
+                            error = %failed.error,
+                            "message parked",
+                        )
                     }
                     _ => {
-                        debug!(outcome = "deferred", error = %failed.error, "Stripe is the problem: back to the work queue, no attempt spent")
+                        debug!(
+                            outcome = "deferred",
+                            error = %failed.error,
+                            "Stripe is the problem: back to the work queue, no attempt spent",
+                        )
                     }
                 }
                 Ok(outcome)
@@ -749,7 +787,11 @@ impl Handler {
             Err(e) if e.is_channel_failure() => Ok(Outcome::Abandoned),
             Err(e) => {
                 if matches!(refused, Class::ParkRefused | Class::DeferRefused) {
-                    error!(outcome = "requeued", error = %e, "the broker refused the replacement; handing the message back");
+                    error!(
+                        outcome = "requeued",
+                        error = %e,
+                        "the broker refused the replacement; handing the message back",
+                    );
                 }
                 Err(Failure::new(
                     refused,
