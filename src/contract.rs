@@ -17,6 +17,9 @@ use crate::money::{Currency, MinorUnits, MoneyError};
 /// and Stripe metadata (500 at most).
 pub const MAX_ID_LEN: usize = 200;
 
+/// The longest metadata value Stripe accepts, in characters.
+pub const MAX_METADATA_LEN: usize = 500;
+
 /// Why a message cannot be processed, ever. Such a message is parked, never retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidMessage {
@@ -118,8 +121,24 @@ impl CreateSession {
         let string = |field: &'static str| {
             go_string(&payload, field).map_err(|problem| InvalidMessage::Payload { field, problem })
         };
-        let id = |field: &'static str| {
+        // Every string that reaches Stripe's metadata, a header or a log line: no control
+        // characters, and no longer than Stripe takes.
+        let text = |field: &'static str| {
             let value = string(field)?;
+            let problem = if value.chars().any(char::is_control) {
+                Some("contains a control character".to_owned())
+            } else if value.chars().count() > MAX_METADATA_LEN {
+                Some(format!("longer than Stripe's {MAX_METADATA_LEN} characters for metadata"))
+            } else {
+                None
+            };
+            match problem {
+                Some(problem) => Err(InvalidMessage::Payload { field, problem }),
+                None => Ok(value),
+            }
+        };
+        let id = |field: &'static str| {
+            let value = text(field)?;
             if value.trim().is_empty() {
                 Err(InvalidMessage::Payload { field, problem: "empty".into() })
             } else if value.len() > MAX_ID_LEN {
@@ -133,7 +152,7 @@ impl CreateSession {
         };
         let trip_id = id("tripID")?;
         let user_id = id("userID")?;
-        let driver_id = string("driverID")?;
+        let driver_id = text("driverID")?;
         let amount = match go_field(&payload, "amount") {
             None | Some(Value::Null) => return Err(InvalidMessage::Amount(MoneyError::NotFinite)),
             Some(Value::Number(n)) => {
@@ -148,7 +167,7 @@ impl CreateSession {
         };
         let amount = MinorUnits::from_wire(amount).map_err(InvalidMessage::Amount)?;
         let currency = string("currency")?.parse().map_err(InvalidMessage::Currency)?;
-        let package_slug = Some(string("packageSlug")?).filter(|s| !s.is_empty());
+        let package_slug = Some(text("packageSlug")?).filter(|s| !s.is_empty());
         let owner_id =
             if envelope.owner_id.is_empty() { user_id.clone() } else { envelope.owner_id };
         Ok(Self { owner_id, trip_id, user_id, driver_id, amount, currency, package_slug })

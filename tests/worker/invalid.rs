@@ -38,6 +38,40 @@ async fn invalid_commands_are_parked_at_once_without_calling_stripe() {
             payload(r#"{"tripID":"t","userID":"u","amount":100,"currency":"XXQ"}"#),
             "currency",
         ),
+        // Control characters cannot go into the Idempotency-Key header or a log line.
+        (
+            "newline in trip",
+            payload(r#"{"tripID":"t\nforged","userID":"u","amount":100,"currency":"USD"}"#),
+            "tripID",
+        ),
+        (
+            "escape in user",
+            payload(r#"{"tripID":"t","userID":"u\u001b[31m","amount":100,"currency":"USD"}"#),
+            "userID",
+        ),
+        (
+            "NUL in driver",
+            payload(
+                r#"{"tripID":"t","userID":"u","driverID":"d\u0000","amount":100,"currency":"USD"}"#,
+            ),
+            "driverID",
+        ),
+        (
+            "DEL in package",
+            payload(
+                r#"{"tripID":"t","userID":"u","amount":100,"currency":"USD","packageSlug":"s\u007f"}"#,
+            ),
+            "packageSlug",
+        ),
+        // Stripe takes metadata values of at most 500 characters.
+        (
+            "long driver",
+            payload(&format!(
+                r#"{{"tripID":"t","userID":"u","driverID":"{}","amount":100,"currency":"USD"}}"#,
+                "d".repeat(501)
+            )),
+            "driverID",
+        ),
     ];
     for (_, body, _) in &cases {
         world.client.send_command(body).await;
