@@ -207,13 +207,19 @@ impl Metrics {
         metrics
     }
 
-    /// Records how a delivery ended.
-    pub fn record_outcome(&self, outcome: Outcome, attempt: u32) {
+    /// Records how a delivery ended. Attempts past the schedule's `max_attempts` share one
+    /// label value (`"5+"` for 4 attempts), so no header can grow the label set.
+    pub fn record_outcome(&self, outcome: Outcome, attempt: u32, max_attempts: u32) {
         let reason = match outcome {
             Outcome::Parked(reason) => reason.as_str(),
             _ => "",
         };
-        self.commands.with_label_values(&[outcome.as_str(), &attempt.to_string(), reason]).inc();
+        let attempt = if attempt > max_attempts {
+            format!("{}+", max_attempts.saturating_add(1))
+        } else {
+            attempt.to_string()
+        };
+        self.commands.with_label_values(&[outcome.as_str(), &attempt, reason]).inc();
     }
 
     /// Shows `state` as the circuit breaker's current state.

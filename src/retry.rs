@@ -103,9 +103,13 @@ impl RetryState {
         }
     }
 
-    /// How long the retry copy spent in the broker, from its publish to now.
+    /// How long the retry copy spent in the broker, from its publish to now; `None` when the
+    /// publish time makes no sense (more than a second ahead of this clock, or older than a
+    /// day, past any schedule).
     pub fn time_in_broker(&self, now_ms: u64) -> Option<Duration> {
-        self.retry_published_at.map(|at| Duration::from_millis(now_ms.saturating_sub(at)))
+        let at = self.retry_published_at?;
+        let spent = now_ms.checked_sub(at).or_else(|| (at - now_ms <= 1_000).then_some(0))?;
+        (spent <= 24 * 3_600_000).then(|| Duration::from_millis(spent))
     }
 }
 
@@ -313,6 +317,10 @@ mod tests {
         assert_eq!(state.retry_tier.as_deref(), Some("1s"));
         assert_eq!(state.original_routing_key.as_deref(), Some("payment.cmd.create_session"));
         assert_eq!(state.time_in_broker(1042), Some(Duration::from_secs(1)));
+        assert_eq!(state.time_in_broker(41), Some(Duration::ZERO), "a little clock skew");
+        assert_eq!(state.time_in_broker(42 + 25 * 3_600_000), None, "older than a day");
+        let ahead = RetryState { retry_published_at: Some(10_000), ..RetryState::default() };
+        assert_eq!(ahead.time_in_broker(0), None, "far ahead of this clock");
     }
 
     #[test]

@@ -586,7 +586,7 @@ impl Handler {
     async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
         let started_ms = retry::now_ms();
-        let state = RetryState::from_properties(&delivery.properties);
+        let state = self.retry_state(&delivery);
         let attempt = state.attempts.saturating_add(1);
         self.observe_retry_delay(&state, started_ms);
         let origin = Origin {
@@ -623,7 +623,7 @@ impl Handler {
             };
             let outcome = self.conclude(&delivery, attempted, failure).await;
             self.settle(&delivery, outcome).await;
-            self.metrics.record_outcome(outcome, attempt);
+            self.metrics.record_outcome(outcome, attempt, self.topology.max_attempts());
             self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
             if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
                 let first_seen = state.first_seen_at.unwrap_or(started_ms);
@@ -636,6 +636,20 @@ impl Handler {
         }
         .instrument(span)
         .await;
+    }
+
+    /// The retry state the delivery carries, trusted only when it came through the default
+    /// exchange into the work queue: dead-lettered by a wait queue, deferred by a worker, or
+    /// replayed by an operator. A command from anywhere else (the trip exchange) starts at
+    /// attempt 1 whatever its headers say; the copies made of it overwrite them.
+    fn retry_state(&self, delivery: &Delivery) -> RetryState {
+        let came_back = delivery.exchange.as_str().is_empty()
+            && delivery.routing_key.as_str() == self.topology.work_queue.name;
+        if came_back {
+            RetryState::from_properties(&delivery.properties)
+        } else {
+            RetryState::default()
+        }
     }
 
     /// How long a retry copy really waited in the broker. Only known tiers become label

@@ -110,6 +110,20 @@ impl Client {
         for (k, v) in headers {
             table.insert((*k).into(), AMQPValue::LongString(LongString::from(*v)));
         }
+        self.publish_headers(exchange, routing_key, body, table).await;
+    }
+
+    /// The same with headers of any AMQP type.
+    ///
+    /// # Panics
+    /// When the broker does not confirm.
+    pub async fn publish_headers(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        table: FieldTable,
+    ) {
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)

@@ -11,4 +11,5 @@ mod ops;
 mod recovery;
 mod retries;
 mod topology;
+mod untrusted;
 mod webhook;

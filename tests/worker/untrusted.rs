@@ -1,0 +1,66 @@
+//! Nothing a publisher sends is trusted: forged retry headers neither change a command's
+//! attempt count nor grow the metrics' label sets.
+
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use testkit::amqp::command;
+use testkit::stripe::Behaviour;
+
+use crate::helpers::{EVENTS, PARKED, WORK, World};
+
+fn forged(attempt: i64, published_at: i64, via_default_exchange: bool) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert("payment-attempt".into(), AMQPValue::LongLongInt(attempt));
+    headers.insert("payment-retry-tier".into(), AMQPValue::LongString(LongString::from("1s")));
+    headers.insert("payment-retry-published-at".into(), AMQPValue::LongLongInt(published_at));
+    if via_default_exchange {
+        for (key, value) in [
+            ("payment-original-exchange", "trip"),
+            ("payment-original-routing-key", "payment.cmd.create_session"),
+        ] {
+            headers.insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+        }
+    }
+    headers
+}
+
+#[tokio::test]
+async fn forged_retry_headers_start_at_attempt_one_and_bound_the_labels() {
+    let world = World::new("forged").await;
+    let worker = world.start_worker(&[]).await;
+    // Thirty commands from the trip exchange, each claiming another attempt and a retry
+    // published in 1970 or far in the future.
+    for i in 0..30 {
+        let body = command(&format!("f-{i}"), "u", 100.0, "USD");
+        let at = if i % 2 == 0 { 1 } else { i64::MAX / 2 };
+        let headers = forged(i + 2, at, false);
+        world.client.publish_headers("trip", "payment.cmd.create_session", &body, headers).await;
+    }
+    // One that fails for good, claiming to be past the schedule.
+    world.stripe.script("f-doomed", [Behaviour::invalid_request()]);
+    let body = command("f-doomed", "u", 100.0, "USD");
+    let headers = forged(3, 1, false);
+    world.client.publish_headers("trip", "payment.cmd.create_session", &body, headers).await;
+    // And one through the default exchange (the way retries come back), claiming attempt 99.
+    let body = command("f-deep", "u", 100.0, "USD");
+    world.client.publish_headers("", WORK, &body, forged(98, 1, true)).await;
+
+    assert_eq!(world.client.take(EVENTS, 31, Duration::from_secs(20)).await.len(), 31);
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(5)).await;
+    assert_eq!(parked[0].header_int("payment-attempt"), Some(1), "the forged count is ignored");
+
+    let (_, scrape) = testkit::http_get(worker.http, "/metrics").await.unwrap();
+    let attempts: std::collections::BTreeSet<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("payment_worker_commands_total{"))
+        .filter_map(|l| l.split("attempt=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(attempts, ["1", "5+"].into_iter().collect(), "{scrape}");
+    assert!(
+        scrape.contains(r#"payment_worker_retry_delay_seconds_count{tier="1s"} 0"#)
+            || !scrape.contains("payment_worker_retry_delay_seconds_count"),
+        "nonsense publish times are not observed:\n{scrape}"
+    );
+    worker.stop().await.unwrap();
+}
