@@ -33,6 +33,13 @@ use crate::contract::{Envelope, PaymentSucceeded};
 use crate::metrics::Metrics;
 use crate::topology::Topology;
 
+/// The longest `Stripe-Signature` header read (Stripe's are a few hundred bytes).
+const MAX_SIGNATURE_HEADER: usize = 4096;
+/// The most `v1` entries read from it (one per signing secret of the endpoint).
+const MAX_SIGNATURES: usize = 16;
+/// The longest event id: it becomes the event's `message-id`, an AMQP short string.
+const MAX_EVENT_ID: usize = 255;
+
 /// How long the broker may take to confirm a payment success before Stripe gets a 500.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -156,6 +163,9 @@ struct PaidSession {
 fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
     let event = serde_json::from_slice::<Value>(body).map_err(|_| Reply::InvalidPayload)?;
     let event_id = event["id"].as_str().unwrap_or_default().to_owned();
+    if event_id.len() > MAX_EVENT_ID {
+        return Err(Reply::InvalidPayload);
+    }
     let kind = event["type"].as_str().unwrap_or_default();
     let object = &event["data"]["object"];
     let completed = kind == "checkout.session.completed";
@@ -210,14 +220,20 @@ impl Webhook {
     }
 
     /// Handles one request.
-    pub async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Reply {
+    pub async fn handle(&self, headers: &HeaderMap, body: &Bytes) -> Reply {
         if self.settings.secrets.is_empty() {
             return Reply::NotConfigured;
         }
         let signature = headers.get("stripe-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
-        if let Err(reason) =
-            verify(signature, body, &self.settings.secrets, self.settings.tolerance, unix_now())
-        {
+        // Hashing the body is CPU work: off the runtime's worker threads.
+        let (signature, body_copy) = (signature.to_owned(), body.clone());
+        let (secrets, tolerance) = (self.settings.secrets.clone(), self.settings.tolerance);
+        let verified = tokio::task::spawn_blocking(move || {
+            verify(&signature, &body_copy, &secrets, tolerance, unix_now())
+        })
+        .await
+        .unwrap_or(Err("signature check failed"));
+        if let Err(reason) = verified {
             warn!(reason, "webhook signature rejected");
             return Reply::InvalidSignature;
         }
@@ -240,10 +256,15 @@ impl Webhook {
     async fn publish_success(&self, paid: &PaidSession) -> Reply {
         let (event_id, success) = (&paid.event_id, &paid.success);
         match tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(event_id, success)).await {
-            Ok(Ok(())) => {
-                if !event_id.is_empty() {
-                    self.recent().insert(event_id.clone());
-                }
+            Ok(Ok(false)) => {
+                info!(
+                    event_id,
+                    trip_id = %success.trip_id,
+                    "duplicate webhook delivery; already published",
+                );
+                Reply::Duplicate
+            }
+            Ok(Ok(true)) => {
                 info!(
                     event_id,
                     trip_id = %success.trip_id,
@@ -272,17 +293,24 @@ impl Webhook {
         }
     }
 
+    /// Publishes `payment.event.success` for `event_id` unless it was published recently;
+    /// `Ok(false)` when it was.
     async fn publish(
         &self,
         event_id: &str,
         success: &PaymentSucceeded,
-    ) -> Result<(), NotPublished> {
+    ) -> Result<bool, NotPublished> {
         let body = Envelope::encode(&success.user_id, success);
         let mut properties = persistent_json();
         if !event_id.is_empty() {
             properties = properties.with_message_id(event_id.into());
         }
+        // The lock serialises publishes, so a concurrent delivery of the same event waits here
+        // and then finds its id among the recent ones.
         let mut slot = self.publisher.lock().await;
+        if !event_id.is_empty() && self.recent().contains(event_id) {
+            return Ok(false);
+        }
         if slot.as_ref().is_none_or(|p| !p.channel().status().connected()) {
             let connection = self.pool.get().await.map_err(NotPublished::Connect)?;
             *slot = Some(Publisher::open(&connection).await.map_err(NotPublished::Channel)?);
@@ -302,7 +330,11 @@ impl Webhook {
                 *slot = None;
             }
         }
-        result.map_err(NotPublished::Publish)
+        result.map_err(NotPublished::Publish)?;
+        if !event_id.is_empty() {
+            self.recent().insert(event_id.to_owned());
+        }
+        Ok(true)
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentIds> {
@@ -344,12 +376,18 @@ pub fn verify(
     if header.is_empty() {
         return Err("missing Stripe-Signature header");
     }
+    if header.len() > MAX_SIGNATURE_HEADER {
+        return Err("Stripe-Signature header too long");
+    }
     let mut timestamp = None;
     let mut signatures = Vec::new();
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", value)) => timestamp = value.parse::<i64>().ok(),
             Some(("v1", value)) => {
+                if signatures.len() == MAX_SIGNATURES {
+                    return Err("too many v1 signatures in Stripe-Signature");
+                }
                 if let Ok(bytes) = hex::decode(value) {
                     signatures.push(bytes);
                 }
@@ -365,17 +403,16 @@ pub fn verify(
     if now.abs_diff(timestamp) > tolerance.unsigned_abs() {
         return Err("timestamp outside the tolerance");
     }
+    // One HMAC over the body per secret; each candidate is compared against a copy of its
+    // state (`verify_slice` compares in constant time).
     for secret in secrets {
-        for signature in &signatures {
-            let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
-                .expect("HMAC takes keys of any length");
-            mac.update(timestamp.to_string().as_bytes());
-            mac.update(b".");
-            mac.update(body);
-            // `verify_slice` compares in constant time.
-            if mac.verify_slice(signature).is_ok() {
-                return Ok(());
-            }
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret.expose_secret().as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        if signatures.iter().any(|signature| mac.clone().verify_slice(signature).is_ok()) {
+            return Ok(());
         }
     }
     Err("no signature matches")

@@ -243,3 +243,62 @@ async fn an_unreachable_broker_answers_500_so_stripe_retries() {
     // Nothing reached the real vhost either.
     assert_eq!(world.client.try_depth(SUCCESS).await, None, "no topology, no half-published event");
 }
+
+#[tokio::test]
+async fn a_signature_header_with_thousands_of_entries_neither_stalls_the_worker_nor_passes() {
+    let world = World::new("webhook-flood").await;
+    let worker =
+        world.start_worker(&["--stripe-webhook-key", SECRET, "--webhook-max-body", "262144"]).await;
+    let body = vec![b'x'; 250 * 1024];
+    let mut header = format!("t={}", now());
+    for _ in 0..50_000 {
+        header.push_str(",v1=00");
+    }
+    let http = worker.http;
+    let flood = tokio::spawn(async move {
+        let headers = [("Stripe-Signature", header.as_str())];
+        http_request(http, "POST", "/webhook/stripe", &headers, &body).await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let health = tokio::time::timeout(Duration::from_secs(2), testkit::http_get(http, "/healthz"));
+    assert!(matches!(health.await, Ok(Some((200, _)))), "/healthz answered while it was verified");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let answer = tokio::time::timeout(Duration::from_secs(10), flood).await;
+    assert!(matches!(answer, Ok(Ok(Some((400, _))))), "refused as a bad signature: {answer:?}");
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_of_one_event_publish_once() {
+    let world = World::new("webhook-race").await;
+    let worker = start(&world).await;
+    let body = event("evt_race", "checkout.session.completed", "paid", trip_metadata());
+    let signature = sign(SECRET, now(), &body);
+    let mut deliveries = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let (body, signature, http) = (body.clone(), signature.clone(), worker.http);
+        deliveries.spawn(async move {
+            let headers = [("Stripe-Signature", signature.as_str())];
+            http_request(http, "POST", "/webhook/stripe", &headers, &body).await
+        });
+    }
+    while let Some(answer) = deliveries.join_next().await {
+        assert_eq!(answer.unwrap().map(|(status, _)| status), Some(200));
+    }
+    let published = world.client.take(SUCCESS, usize::MAX, Duration::from_secs(1)).await;
+    assert_eq!(published.len(), 1, "one payment.event.success for one event id");
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_signed_event_id_longer_than_a_message_id_is_answered_not_dropped() {
+    let world = World::new("webhook-long-id").await;
+    let worker = start(&world).await;
+    let long = format!("evt_{}", "x".repeat(300));
+    let body = event(&long, "checkout.session.completed", "paid", trip_metadata());
+    let (status, _) = signed(&worker, &body).await;
+    assert_eq!(status, 400, "an id that cannot be a message-id is an invalid payload");
+    assert!(world.client.take(SUCCESS, 1, Duration::from_millis(300)).await.is_empty());
+    worker.stop().await.unwrap();
+}
