@@ -185,12 +185,16 @@ fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
         );
         return Err(Reply::Unpaid);
     }
+    let amount_cents = object["amount_total"].as_i64().unwrap_or(0);
+    if amount_cents < 0 {
+        return Err(Reply::InvalidPayload);
+    }
     let metadata = |key: &str| object["metadata"][key].as_str().unwrap_or_default().to_owned();
     let success = PaymentSucceeded {
         trip_id: metadata("trip_id"),
         user_id: metadata("user_id"),
         driver_id: metadata("driver_id"),
-        amount_cents: object["amount_total"].as_i64().unwrap_or(0),
+        amount_cents,
         currency: object["currency"].as_str().filter(|c| !c.is_empty()).unwrap_or("usd").to_owned(),
         region: Some(metadata("region"))
             .filter(|r| !r.is_empty())

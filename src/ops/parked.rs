@@ -121,7 +121,7 @@ impl ParkedCommand {
             (Action::Purge, true) => "would purge",
             (Action::Purge, false) => "purged",
         };
-        let count = walk_parked(&connection, &topology, action, &filter, dry_run, |entry| {
+        let walked = walk_parked(&connection, &topology, action, &filter, dry_run, |entry| {
             if json {
                 print_json(entry);
             } else if action == Action::List {
@@ -132,9 +132,12 @@ impl ParkedCommand {
         })
         .await;
         close(connection).await;
-        let count = count?;
+        let Walked { taken: count, present } = walked?;
         if !json {
             eprintln!("{count} message(s) {verb}");
+            if action == Action::List && count < present {
+                eprintln!("{} more parked, not shown: raise --limit", present - count);
+            }
             if action == Action::Purge && dry_run && count > 0 {
                 eprintln!("nothing removed: add --yes to purge them");
             }
@@ -184,10 +187,11 @@ impl ParkedEntry {
         }
     }
 
-    /// One line for people.
+    /// One line for people. Every value comes from a publisher or a header, so control
+    /// characters are shown escaped: nothing printed can forge a line or reach the terminal.
     pub fn line(&self) -> String {
         let when = |ms: Option<u64>| ms.map_or_else(|| "-".to_owned(), format_ms);
-        format!(
+        let line = format!(
             "{:<24} rider={:<16} amount={:<12} reason={:<22} attempts={} first_failure={} parked_at={}  {}",
             self.trip_id.as_deref().unwrap_or("(undecodable)"),
             self.rider.as_deref().unwrap_or("-"),
@@ -200,13 +204,34 @@ impl ParkedEntry {
             when(self.first_failure_at_ms),
             when(self.parked_at_ms),
             self.detail
-        )
+        );
+        printable(&line)
     }
 }
 
+/// The latest time shown as a date: 9999-12-31T23:59:59.999Z.
+const LAST_SHOWN_MS: u64 = 253_402_300_799_999;
+
+/// A Unix-milliseconds header as an RFC 3339 time, or the raw number when no date can be.
 fn format_ms(ms: u64) -> String {
+    if ms > LAST_SHOWN_MS {
+        return format!("(not a time: {ms})");
+    }
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`, …).
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Walks the parking queue once: every message is fetched without auto-ack; those the filter
@@ -224,7 +249,7 @@ pub async fn walk_parked(
     filter: &Filter,
     dry_run: bool,
     mut report: impl FnMut(&ParkedEntry),
-) -> Result<usize, OpsError> {
+) -> Result<Walked, OpsError> {
     let queue = &topology.parking.queue;
     let channel = channel(connection).await?;
     let present = parked_count(&channel, queue).await?;
@@ -274,7 +299,14 @@ pub async fn walk_parked(
         let _ = channel.basic_nack(tag, BasicNackOptions { multiple: true, requeue: true }).await;
     }
     let _ = channel.close(200, "done".into()).await;
-    Ok(taken)
+    Ok(Walked { taken, present: present as usize })
+}
+
+/// What a walk of the parking queue took, of how many present at its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Walked {
+    pub taken: usize,
+    pub present: usize,
 }
 
 /// How many messages the parking queue holds (a passive declaration, which changes nothing).
@@ -317,4 +349,29 @@ fn replay_properties(parked: &BasicProperties) -> BasicProperties {
         }
     }
     parked.clone().with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forged_values_cannot_forge_lines_or_times() {
+        let entry = ParkedEntry {
+            trip_id: Some("t\nFAKE parked line\u{1b}[2J".into()),
+            rider: Some("r\r".into()),
+            amount: None,
+            currency: None,
+            reason: "invalid_message".into(),
+            detail: "tab\there".into(),
+            attempts: 1,
+            first_failure_at_ms: Some(1 << 62),
+            parked_at_ms: Some(1_764_000_000_000),
+        };
+        let line = entry.line();
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains(r"t\nFAKE parked line\u{1b}[2J"), "{line}");
+        assert!(line.contains("(not a time: 4611686018427387904)"), "{line}");
+        assert!(line.contains("2025-11-24T"), "{line}");
+    }
 }

@@ -222,7 +222,7 @@ pub async fn check(
             continue;
         }
         let result = declare(ExchangeDeclareOptions { durable: true, ..Default::default() }).await;
-        lines.push(verdict(object, result.err(), format!("{} durable", exchange.kind)));
+        lines.push(verdict(object, result.err(), format!("{} durable", exchange.kind))?);
         let _ = channel.close(200, "checked".into()).await;
     }
     for queue in &plan.queues {
@@ -238,7 +238,7 @@ pub async fn check(
         let active = QueueDeclareOptions { durable: true, ..Default::default() };
         let result =
             channel.queue_declare(queue.name.as_str().into(), active, queue.field_table()).await;
-        lines.push(verdict(object, result.err(), queue.describe_arguments()));
+        lines.push(verdict(object, result.err(), queue.describe_arguments())?);
         let _ = channel.close(200, "checked".into()).await;
     }
     for binding in &plan.bindings {
@@ -269,9 +269,21 @@ fn absent(probe: Result<(), lapin::Error>, object: &str) -> Result<Option<CheckL
     }
 }
 
-fn verdict(object: String, error: Option<lapin::Error>, wanted: String) -> CheckLine {
-    match error {
+/// The line for an object the profile's declaration was tried on.
+///
+/// # Errors
+/// A refused permission: that says nothing about whether the object matches.
+fn verdict(
+    object: String,
+    error: Option<lapin::Error>,
+    wanted: String,
+) -> Result<CheckLine, OpsError> {
+    Ok(match error {
         None => CheckLine { object, status: CheckStatus::Present, detail: wanted },
+        Some(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 403) =>
+        {
+            return Err(describe(&e, &object));
+        }
         Some(e) => {
             let broker = match e.kind() {
                 lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
@@ -283,5 +295,5 @@ fn verdict(object: String, error: Option<lapin::Error>, wanted: String) -> Check
                 detail: format!("{broker}; the profile wants {wanted}"),
             }
         }
-    }
+    })
 }

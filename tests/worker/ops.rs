@@ -276,3 +276,51 @@ async fn errors_name_what_went_wrong() {
     assert_ne!(code, 0, "no trip exchange yet");
     assert!(stderr.contains("trip"), "{stderr}");
 }
+
+#[tokio::test]
+async fn forged_parked_messages_are_shown_escaped_and_never_crash_the_cli() {
+    let world = World::new("ops-forged").await;
+    let worker = world.start_worker(&[]).await;
+    worker.stop().await.unwrap();
+    // A parked copy whose trip id carries a newline and a terminal escape, with a first
+    // failure time past any calendar.
+    let payload = "{\"tripID\":\"t\\nFAKE parked line\\u001b[2J\",\"userID\":\"u\",\"amount\":1,\"currency\":\"USD\"}";
+    let body = testkit::amqp::envelope("u", payload.as_bytes());
+    let mut headers = FieldTable::default();
+    headers.insert("payment-first-failure-at".into(), AMQPValue::LongLongInt(1 << 62));
+    headers.insert("payment-parked-at".into(), AMQPValue::LongLongInt(i64::MAX));
+    world.client.publish_headers("", PARKED, &body, headers).await;
+
+    let (code, out, stderr) = cli(&world, &["parked", "list"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(out.lines().count(), 1, "one message, one line: {out:?}");
+    assert!(!out.trim_end().chars().any(char::is_control), "escaped: {out:?}");
+    assert!(out.contains("(not a time: 4611686018427387904)"), "{out}");
+    let (code, _, stderr) = cli(&world, &["parked", "replay", "--all"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(world.client.depth(PARKED).await, 0);
+    assert_eq!(world.client.depth(WORK).await, 1, "replayed once, not lost");
+}
+
+#[tokio::test]
+async fn check_without_configure_permission_says_so() {
+    let world = World::new("ops-perm").await;
+    world.start_worker(&[]).await.stop().await.unwrap();
+    let user = format!("{}-reader", world.vhost.name());
+    testkit::vhost::rabbitmqctl(&["add_user", &user, "pw"]);
+    testkit::vhost::rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        world.vhost.name(),
+        &user,
+        "^$",
+        ".*",
+        ".*",
+    ]);
+    let uri = format!("amqp://{user}:pw@{}/{}", testkit::vhost::broker_host(), world.vhost.name());
+    let (code, out, stderr) = cli_on(&uri, &["topology", "check"]).await;
+    testkit::vhost::rabbitmqctl(&["delete_user", &user]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("permission refused"), "{out}{stderr}");
+    assert!(!out.contains("differs"), "a refused permission is not a difference: {out}");
+}

@@ -302,3 +302,17 @@ async fn a_signed_event_id_longer_than_a_message_id_is_answered_not_dropped() {
     assert!(world.client.take(SUCCESS, 1, Duration::from_millis(300)).await.is_empty());
     worker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_signed_negative_amount_is_an_invalid_payload() {
+    let world = World::new("webhook-negative").await;
+    let worker = start(&world).await;
+    let body =
+        String::from_utf8(event("evt_neg", "checkout.session.completed", "paid", trip_metadata()))
+            .unwrap()
+            .replace("\"amount_total\":4523", "\"amount_total\":-4523");
+    let (status, _) = signed(&worker, body.as_bytes()).await;
+    assert_eq!(status, 400);
+    assert!(world.client.take(SUCCESS, 1, Duration::from_millis(300)).await.is_empty());
+    worker.stop().await.unwrap();
+}
