@@ -94,11 +94,16 @@ impl FlowControl {
         self.pacer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Publishes the breaker's state if it changed; logs and counts the transition.
+    /// Publishes the breaker's state if it changed (only then are the consumer loop and the
+    /// waiting callers woken); logs and counts the transition.
     fn publish_state(&self) {
         let state = self.breaker().state();
-        let previous = self.circuit.send_replace(state);
-        if previous == state {
+        let changed = self.circuit.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state;
+            changed
+        });
+        if !changed {
             return;
         }
         self.metrics.set_circuit_state(state);

@@ -150,6 +150,8 @@ enum NotPublished {
     Channel(lapin::Error),
     #[error(transparent)]
     Publish(PublishError),
+    #[error("the broker did not confirm within {0:?}")]
+    Timeout(Duration),
 }
 
 /// A verified event that calls for `payment.event.success`.
@@ -259,8 +261,11 @@ impl Webhook {
     /// Publishes `payment.event.success` and remembers the event id once the broker confirmed.
     async fn publish_success(&self, paid: &PaidSession) -> Reply {
         let (event_id, success) = (&paid.event_id, &paid.success);
-        match tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(event_id, success)).await {
-            Ok(Ok(false)) => {
+        let published = tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(event_id, success))
+            .await
+            .unwrap_or(Err(NotPublished::Timeout(PUBLISH_TIMEOUT)));
+        match published {
+            Ok(false) => {
                 info!(
                     event_id,
                     trip_id = %success.trip_id,
@@ -268,7 +273,7 @@ impl Webhook {
                 );
                 Reply::Duplicate
             }
-            Ok(Ok(true)) => {
+            Ok(true) => {
                 info!(
                     event_id,
                     trip_id = %success.trip_id,
@@ -277,20 +282,12 @@ impl Webhook {
                 );
                 Reply::Published
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 error!(
                     event_id,
                     trip_id = %success.trip_id,
                     error = %e,
                     "payment success not confirmed by the broker; answering 500 so Stripe retries",
-                );
-                Reply::PublishFailed
-            }
-            Err(_) => {
-                error!(
-                    event_id,
-                    trip_id = %success.trip_id,
-                    "broker did not confirm in time; answering 500 so Stripe retries",
                 );
                 Reply::PublishFailed
             }

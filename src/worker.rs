@@ -424,15 +424,11 @@ impl Worker {
     ) -> Result<(), String> {
         match (circuit, &*intake) {
             (Some(State::Open { .. }), Intake::Consuming(consumer)) => {
+                let consumer = consumer.clone();
                 channel
                     .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                     .await
                     .map_err(|e| format!("basic.cancel: {e}"))?;
-                let Intake::Consuming(consumer) =
-                    std::mem::replace(intake, Intake::Paused { since: Instant::now() })
-                else {
-                    unreachable!("matched above")
-                };
                 *intake = Intake::Draining(consumer);
             }
             (Some(State::Closed), Intake::Paused { .. }) => {
