@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
-use crate::headers::{int, long_string, string};
+use crate::headers::{entry_len, int, long_string, string};
 
 /// Attempts made so far (failed ones); absent on a first delivery.
 pub const ATTEMPT: &str = "payment-attempt";
@@ -34,8 +34,20 @@ pub const PARK_REASON: &str = "payment-park-reason";
 pub const PARK_DETAIL: &str = "payment-park-detail";
 pub const PARKED_AT: &str = "payment-parked-at";
 
+/// The original headers a copy had to leave out, named, with their size.
+pub const DROPPED_HEADERS: &str = "payment-dropped-headers";
+/// The publisher's login, which the broker checks against whoever publishes: a copy published
+/// by the worker carries it as this header instead of in `user_id`.
+pub const ORIGINAL_USER_ID: &str = "payment-original-user-id";
+
 /// Longest error text carried in a header.
 pub const MAX_ERROR_LEN: usize = 512;
+
+/// The most a copy carries of the original's headers, encoded. A copy adds its own headers,
+/// and a wait queue adds `x-death`, and the whole header frame must fit the connection's
+/// `frame_max` (128 KiB on RabbitMQ by default): a copy the broker cannot take would close the
+/// connection and bring the message back again and again, holding up the queue.
+pub const MAX_CARRIED_HEADERS: usize = 32 * 1024;
 
 /// Why a message was parked: a bounded set, used as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -193,7 +205,8 @@ impl FailedAttempt<'_> {
     }
 }
 
-/// The original's properties, persistent, without a TTL (dead-lettering drops it anyway).
+/// The original's properties, persistent, without a TTL (dead-lettering drops it anyway) and
+/// without `user_id` (see [`ORIGINAL_USER_ID`]).
 fn persistent(original: &BasicProperties) -> BasicProperties {
     let mut properties = BasicProperties::default().with_delivery_mode(2);
     if let Some(v) = original.content_type() {
@@ -220,29 +233,56 @@ fn persistent(original: &BasicProperties) -> BasicProperties {
     if let Some(v) = original.kind() {
         properties = properties.with_type(v.clone());
     }
-    if let Some(v) = original.user_id() {
-        properties = properties.with_user_id(v.clone());
-    }
     if let Some(v) = original.app_id() {
         properties = properties.with_app_id(v.clone());
     }
     properties
 }
 
-/// The original's headers without the broker's dead-letter bookkeeping and without `skip`.
+/// The original's headers without the broker's dead-letter bookkeeping and without `skip`,
+/// at most [`MAX_CARRIED_HEADERS`] of them: when they weigh more, the smallest are kept (the
+/// trace context first) and the rest are named in [`DROPPED_HEADERS`].
 fn carried_headers(original: &BasicProperties, skip: &[&str]) -> FieldTable {
-    let mut headers = FieldTable::default();
-    if let Some(original) = original.headers() {
-        for (key, value) in original.inner() {
+    let mut carried: Vec<(&ShortString, &AMQPValue, usize)> = original
+        .headers()
+        .iter()
+        .flat_map(|headers| headers.inner())
+        .filter(|(key, _)| {
             let name = key.as_str();
-            if !(name.starts_with("x-death")
+            !(name.starts_with("x-death")
                 || name.starts_with("x-first-death-")
                 || name.starts_with("x-last-death-")
                 || skip.contains(&name))
-            {
-                headers.insert(key.clone(), value.clone());
+        })
+        .map(|(key, value)| (key, value, entry_len(key.as_str(), value)))
+        .collect();
+    let mut dropped = Vec::new();
+    if carried.iter().map(|(.., len)| len).sum::<usize>() > MAX_CARRIED_HEADERS {
+        let trace_first = |key: &ShortString| !matches!(key.as_str(), "traceparent" | "tracestate");
+        carried.sort_by_key(|(key, _, len)| (trace_first(key), *len));
+        let mut room = MAX_CARRIED_HEADERS;
+        carried.retain(|(key, _, len)| {
+            let fits = *len <= room;
+            if fits {
+                room -= len;
+            } else {
+                dropped.push((key.as_str(), *len));
             }
-        }
+            fits
+        });
+    }
+    let mut headers = FieldTable::default();
+    for (key, value, _) in carried {
+        headers.insert(key.clone(), value.clone());
+    }
+    if !dropped.is_empty() {
+        let names: Vec<&str> = dropped.iter().map(|(name, _)| *name).collect();
+        let bytes: usize = dropped.iter().map(|(_, len)| len).sum();
+        let note = format!("{} headers, {bytes} bytes: {}", names.len(), names.join(", "));
+        headers.insert(DROPPED_HEADERS.into(), long_string(&truncate(&note)));
+    }
+    if let Some(user) = original.user_id() {
+        headers.insert(ORIGINAL_USER_ID.into(), long_string(user.as_str()));
     }
     headers
 }
@@ -354,6 +394,31 @@ mod tests {
         assert_eq!(deferred.expiration(), &None);
         let twice = failed(&origin, &again, 3, 60, "429").deferred_properties(&deferred);
         assert_eq!(RetryState::from_properties(&twice).deferrals, 2);
+    }
+
+    #[test]
+    fn a_copy_carries_at_most_its_share_of_the_original_headers() {
+        let mut headers = FieldTable::default();
+        headers.insert("traceparent".into(), long_string("00-abc-def-01"));
+        headers.insert("small".into(), AMQPValue::LongLongInt(7));
+        for i in 0..40 {
+            headers.insert(format!("x-bulk-{i:02}").into(), long_string(&"b".repeat(4096)));
+        }
+        let bulky = BasicProperties::default().with_headers(headers).with_user_id("trip".into());
+        let (origin, state) = (origin(), RetryState::default());
+        let copy = failed(&origin, &state, 1, 42, "boom").retry_properties(&bulky, "1s", 1000);
+        let headers = copy.headers().as_ref().unwrap();
+        let carried: Vec<_> =
+            headers.inner().keys().filter(|k| k.as_str().starts_with("x-bulk-")).collect();
+        assert_eq!(carried.len(), 7, "7 of 4 KiB fit in 32 KiB with the small ones");
+        assert_eq!(string(headers, "traceparent").as_deref(), Some("00-abc-def-01"));
+        assert_eq!(int(headers, "small"), Some(7));
+        let dropped = string(headers, DROPPED_HEADERS).unwrap();
+        assert!(dropped.starts_with("33 headers, 135663 bytes: x-bulk-07, "), "{dropped}");
+        assert_eq!(copy.user_id(), &None, "the broker checks user_id against the publisher");
+        assert_eq!(string(headers, ORIGINAL_USER_ID).as_deref(), Some("trip"));
+        let state = RetryState::from_properties(&copy);
+        assert_eq!(state.attempts, 1, "the worker's own headers are always there");
     }
 
     #[test]

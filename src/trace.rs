@@ -7,16 +7,21 @@ use lapin::types::FieldTable;
 
 use crate::headers::{long_string, string};
 
+/// The longest `tracestate` and `baggage` passed on, as the W3C specifications bound them
+/// (32 members of at most 256 characters; 8192 bytes): anything longer is not a valid trace
+/// context and is left behind.
+const MAX_TRACE_HEADER: [(&str, usize); 2] = [("tracestate", 32 * 257), ("baggage", 8192)];
+
 /// The trace headers of a message published on behalf of `incoming`: its `traceparent`
-/// continued with a new span id, its non-empty `tracestate` and `baggage` copied. `None` when
-/// `incoming` carries no valid `traceparent`.
+/// continued with a new span id, its non-empty `tracestate` and `baggage` copied when within
+/// their bounds. `None` when `incoming` carries no valid `traceparent`.
 pub fn continued(incoming: &BasicProperties) -> Option<FieldTable> {
     let incoming = incoming.headers().as_ref()?;
     let parent = string(incoming, "traceparent").and_then(|p| continue_trace(&p))?;
     let mut headers = FieldTable::default();
     headers.insert("traceparent".into(), long_string(&parent));
-    for key in ["tracestate", "baggage"] {
-        if let Some(value) = string(incoming, key).filter(|v| !v.is_empty()) {
+    for (key, max) in MAX_TRACE_HEADER {
+        if let Some(value) = string(incoming, key).filter(|v| !v.is_empty() && v.len() <= max) {
             headers.insert(key.into(), long_string(&value));
         }
     }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use testkit::amqp::command;
+use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
 use crate::helpers::{EVENTS, PARKED, WORK, World};
@@ -62,5 +62,60 @@ async fn forged_retry_headers_start_at_attempt_one_and_bound_the_labels() {
             || !scrape.contains("payment_worker_retry_delay_seconds_count"),
         "nonsense publish times are not observed:\n{scrape}"
     );
+    worker.stop().await.unwrap();
+}
+
+/// Headers of about `bytes` in all: 4 KiB values and one for the rest.
+fn bulky_headers(bytes: usize) -> FieldTable {
+    let mut headers = FieldTable::default();
+    for i in 0..=bytes / 4096 {
+        let len = if i < bytes / 4096 { 4096 } else { bytes % 4096 };
+        headers.insert(format!("x-bulk-{i}").into(), AMQPValue::LongString("b".repeat(len).into()));
+    }
+    headers.insert("traceparent".into(), AMQPValue::LongString(TRACEPARENT.into()));
+    headers
+}
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// A command with headers close to the broker's frame size fails its first attempt: its retry
+/// copy cannot carry them all, so it carries what fits and says what it dropped, and the
+/// commands behind it are not held up.
+#[tokio::test]
+async fn oversized_headers_neither_block_the_queue_nor_lose_the_command() {
+    let world = World::new("bulky").await;
+    let worker = world.start_worker(&["--prefetch", "1"]).await;
+    world.stripe.script("bulky", [Behaviour::unavailable()]);
+    world.stripe.script("bulky-doomed", [Behaviour::invalid_request()]);
+    for trip in ["bulky", "bulky-doomed"] {
+        let body = command(trip, "u", 100.0, "USD");
+        world
+            .client
+            .publish_headers("trip", "payment.cmd.create_session", &body, bulky_headers(130_200))
+            .await;
+    }
+    // Trace context far beyond the W3C bounds is not passed on to the event.
+    let mut baggage = FieldTable::default();
+    baggage.insert("traceparent".into(), AMQPValue::LongString(TRACEPARENT.into()));
+    baggage.insert("baggage".into(), AMQPValue::LongString("k=v,".repeat(32_000).into()));
+    let body = command("bulky-baggage", "u", 100.0, "USD");
+    world.client.publish_headers("trip", "payment.cmd.create_session", &body, baggage).await;
+    for i in 0..20 {
+        world.client.send_command(&command(&format!("behind-{i}"), "u", 100.0, "USD")).await;
+    }
+
+    let events = world.client.take(EVENTS, 22, Duration::from_secs(30)).await;
+    assert_eq!(events.len(), 22, "the 20 behind, the bulky one after its retry, the baggage");
+    let traced = events.iter().find(|e| inner(&e.body)["tripID"] == "bulky-baggage");
+    let traced = traced.expect("the event of the command with the baggage");
+    assert_eq!(traced.header_string("baggage"), None);
+    assert!(traced.header_string("traceparent").is_some());
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(5)).await;
+    assert_eq!(parked.len(), 1, "the doomed one is parked, not lost");
+    let dropped = parked[0].header_string("payment-dropped-headers").expect("the fact recorded");
+    assert!(dropped.contains("x-bulk-"), "{dropped}");
+    assert_eq!(parked[0].header_string("traceparent").as_deref(), Some(TRACEPARENT));
+    assert_eq!(parked[0].header_string("payment-park-reason").as_deref(), Some("stripe_rejected"));
+    assert_eq!(world.stripe.created_for("bulky").len(), 1);
     worker.stop().await.unwrap();
 }
