@@ -9,7 +9,7 @@
 //! | a Stripe-wide failure among others, or as the circuit opens | defer: back to the work queue, no attempt spent |
 //! | a 429 | defer |
 //! | the circuit is open (no call made) | defer |
-//! | the retry copy was refused | park as `retry_unroutable` |
+//! | the retry copy was refused (after the wait queue was declared again) | park as `retry_unroutable` |
 //! | the parked or deferred copy was refused | requeue (nack) after a pause |
 //! | the channel failed | abandon: the broker redelivers |
 //!

@@ -276,24 +276,9 @@ impl Topology {
             routing_key: self.routing_keys.create_session.clone(),
         }];
         for delay in &self.retry.delays {
-            let mut arguments = vec![
-                ("x-dead-letter-exchange", Arg::Str(String::new())),
-                ("x-dead-letter-routing-key", Arg::Str(self.work_queue.name.clone())),
-                ("x-message-ttl", Arg::Int(i64::try_from(delay.millis()).unwrap_or(i64::MAX))),
-            ];
-            if self.retry.queue_type == QueueType::Quorum {
-                arguments.push(("x-dead-letter-strategy", Arg::Str("at-least-once".into())));
-                arguments.push(("x-overflow", Arg::Str("reject-publish".into())));
-            }
-            queues.push(QueueDecl {
-                name: self.wait_queue(delay),
-                arguments: with_type(self.retry.queue_type, arguments),
-            });
-            bindings.push(BindingDecl {
-                exchange: self.retry.exchange.clone(),
-                queue: self.wait_queue(delay),
-                routing_key: delay.label().to_owned(),
-            });
+            let (queue, binding) = self.wait_queue_plan(delay);
+            queues.push(queue);
+            bindings.push(binding);
         }
         queues.push(QueueDecl {
             name: self.parking.queue.clone(),
@@ -308,6 +293,44 @@ impl Topology {
             });
         }
         Plan { exchanges, queues, bindings }
+    }
+
+    /// The wait queue of one delay and its binding to the retry exchange.
+    fn wait_queue_plan(&self, delay: &Delay) -> (QueueDecl, BindingDecl) {
+        let mut arguments = vec![
+            ("x-dead-letter-exchange", Arg::Str(String::new())),
+            ("x-dead-letter-routing-key", Arg::Str(self.work_queue.name.clone())),
+            ("x-message-ttl", Arg::Int(i64::try_from(delay.millis()).unwrap_or(i64::MAX))),
+        ];
+        if self.retry.queue_type == QueueType::Quorum {
+            arguments.push(("x-dead-letter-strategy", Arg::Str("at-least-once".into())));
+            arguments.push(("x-overflow", Arg::Str("reject-publish".into())));
+        }
+        let queue = QueueDecl {
+            name: self.wait_queue(delay),
+            arguments: with_type(self.retry.queue_type, arguments),
+        };
+        let binding = BindingDecl {
+            exchange: self.retry.exchange.clone(),
+            queue: self.wait_queue(delay),
+            routing_key: delay.label().to_owned(),
+        };
+        (queue, binding)
+    }
+
+    /// Declares the wait queue of `delay` and its binding again, for a retry copy that found
+    /// no queue (someone deleted it while the worker ran).
+    ///
+    /// # Errors
+    /// As [`Topology::declare`].
+    pub async fn declare_wait_queue(
+        &self,
+        channel: &Channel,
+        delay: &Delay,
+    ) -> Result<(), TopologyError> {
+        let (queue, binding) = self.wait_queue_plan(delay);
+        declare_queue(channel, &queue).await?;
+        bind(channel, &binding).await
     }
 
     /// Declares everything in [`Topology::plan`] on `channel`: durable exchanges and queues
@@ -331,29 +354,38 @@ impl Topology {
                 .map_err(|e| classify(exchange.to_string(), exchange.kind.to_string(), e))?;
         }
         for queue in &plan.queues {
-            channel
-                .queue_declare(
-                    queue.name.as_str().into(),
-                    QueueDeclareOptions { durable: true, ..Default::default() },
-                    queue.field_table(),
-                )
-                .await
-                .map_err(|e| classify(queue.to_string(), queue.describe_arguments(), e))?;
+            declare_queue(channel, queue).await?;
         }
         for binding in &plan.bindings {
-            channel
-                .queue_bind(
-                    binding.queue.as_str().into(),
-                    binding.exchange.as_str().into(),
-                    binding.routing_key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|source| TopologyError::Broker { object: binding.to_string(), source })?;
+            bind(channel, binding).await?;
         }
         Ok(())
     }
+}
+
+async fn declare_queue(channel: &Channel, queue: &QueueDecl) -> Result<(), TopologyError> {
+    channel
+        .queue_declare(
+            queue.name.as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            queue.field_table(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| classify(queue.to_string(), queue.describe_arguments(), e))
+}
+
+async fn bind(channel: &Channel, binding: &BindingDecl) -> Result<(), TopologyError> {
+    channel
+        .queue_bind(
+            binding.queue.as_str().into(),
+            binding.exchange.as_str().into(),
+            binding.routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| TopologyError::Broker { object: binding.to_string(), source })
 }
 
 fn with_type(queue_type: QueueType, mut arguments: Vec<(&str, Arg)>) -> Vec<(String, Arg)> {

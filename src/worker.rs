@@ -44,7 +44,7 @@ use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::retry::{self, FailedAttempt, Origin, ParkReason, RetryState};
 use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError};
-use crate::topology::{Topology, TopologyError};
+use crate::topology::{Delay, Topology, TopologyError};
 use crate::trace;
 
 /// How long a requeued command is held before it goes back, so that a broker refusing every
@@ -765,7 +765,12 @@ impl Handler {
                 Class::DeferRefused,
             ),
         };
-        match self.publish(exchange, routing_key, &delivery.data, properties).await {
+        let mut published =
+            self.publish(exchange, routing_key, &delivery.data, properties.clone()).await;
+        if let (Action::Retry(delay), Err(PublishError::Returned { .. })) = (action, &published) {
+            published = self.redeclare_and_retry(delay, &delivery.data, properties).await;
+        }
+        match published {
             Ok(()) => {
                 match outcome {
                     Outcome::Retried => {
@@ -809,6 +814,22 @@ impl Handler {
                 ))
             }
         }
+    }
+
+    /// A retry copy found no wait queue bound (someone deleted it while the worker ran):
+    /// declares it again and publishes the copy once more.
+    async fn redeclare_and_retry(
+        &self,
+        delay: &Delay,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let queue = self.topology.wait_queue(delay);
+        warn!(queue = %queue, "a retry copy found no wait queue; declaring it again");
+        if let Err(e) = self.topology.declare_wait_queue(self.publisher.channel(), delay).await {
+            warn!(queue = %queue, error = %e, "declaring the wait queue again failed");
+        }
+        self.publish(&self.topology.retry.exchange, delay.label(), body, properties).await
     }
 
     /// Acks once the replacement is confirmed, or hands the message back.

@@ -17,7 +17,7 @@ use testkit::vhost::Vhost;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use testkit::names::{EVENTS, PARKED, WORK};
+pub use testkit::names::{EVENTS, PARKED, WAIT_QUEUES, WORK};
 
 pub struct World {
     pub stripe: StripeStandin,

@@ -7,7 +7,7 @@ use testkit::proxy::FaultProxy;
 use testkit::stripe::Behaviour;
 use testkit::{eventually, http_get};
 
-use crate::helpers::{self, EVENTS, RunningWorker, WORK, World};
+use crate::helpers::{self, EVENTS, PARKED, RunningWorker, WAIT_QUEUES, WORK, World};
 
 async fn metric(worker: &RunningWorker, name: &str) -> f64 {
     helpers::metric(worker.http, name).await
@@ -113,5 +113,23 @@ async fn a_channel_closed_by_the_broker_loses_nothing() {
     assert!(metric(&worker, "payment_worker_channel_errors_total").await >= 1.0);
     assert!(metric(&worker, "payment_worker_broker_reconnects_total").await >= 1.0);
     assert_eq!(world.stripe.created_for("c-1").len(), 1);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_wait_queue_is_declared_again_when_a_retry_finds_it_missing() {
+    let world = World::new("recover-wait").await;
+    let worker = world.start_worker(&[]).await;
+    let channel = world.client.connection.create_channel().await.unwrap();
+    channel.queue_delete(WAIT_QUEUES[0].into(), Default::default()).await.unwrap();
+    world.stripe.script("w-1", [Behaviour::unavailable()]);
+    world.client.send_command(&command("w-1", "u", 100.0, "USD")).await;
+
+    let events = world.client.take(EVENTS, 1, Duration::from_secs(15)).await;
+    assert_eq!(events.len(), 1, "retried through the wait queue declared again");
+    assert_eq!(world.client.depth(PARKED).await, 0, "not parked as retry_unroutable");
+    assert_eq!(world.client.depth(WAIT_QUEUES[0]).await, 0);
+    assert_eq!(metric(&worker, "payment_worker_broker_reconnects_total").await, 0.0);
+    assert_eq!(world.stripe.created_for("w-1").len(), 1);
     worker.stop().await.unwrap();
 }
