@@ -10,11 +10,14 @@
 //! - [`proxy::FaultProxy`]: a TCP proxy that cuts and delays connections.
 //! - [`pod::Pod`]: the worker binary as a child process, ready when `/readyz` says so.
 //! - [`cli`]: the operator commands, run as an operator would.
+//! - [`gopeer`]: the Go services' side of the wire (trip-service, api-gateway), built from
+//!   `tests/go/gopeer` with Go's own `encoding/json` and `amqp091-go`.
 //! - [`names`]: the default profile's queue names.
 //! - [`stats`]: sizes from the environment and percentiles, for the long runs.
 
 pub mod amqp;
 pub mod cli;
+pub mod gopeer;
 pub mod names;
 pub mod node;
 pub mod pod;

@@ -3,6 +3,7 @@
 mod config;
 mod contract;
 mod flow;
+mod go_peer;
 mod helpers;
 mod invalid;
 mod lifecycle;
