@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 ADVISORY_DB ?= ../shared/advisory-db
 
-.PHONY: run test broker tools lint unit rules chart audit image chaos bench
+.PHONY: run test broker tools lint unit rules chart audit image chaos bench fuzz
 
 ## Start the local broker if needed, then run the worker on its default setup.
 run: export RABBITMQ_URI ?= amqp://guest:guest@127.0.0.1:5672/%2f
@@ -22,9 +22,11 @@ broker:
 tools:
 	@scripts/ensure-debian-tools.sh
 
-lint:
+lint: tools
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	test -z "$$(gofmt -l tests/go)" || { gofmt -l tests/go; exit 1; }
+	GO111MODULE=off GOPATH=/usr/share/gocode GOPROXY=off go vet ./tests/go/gopeer
 
 unit: broker tools
 	cargo test --workspace --locked -- --show-output
@@ -33,6 +35,12 @@ unit: broker tools
 ## CHAOS_KILLS, CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_STRIPE_OUTAGES, CHAOS_PODS.
 chaos: broker
 	cargo test --release --locked --test chaos chaos_soak -- --ignored --nocapture
+
+## The fuzz targets (src/fuzz.rs, seeds in fuzz/corpus/), each for FUZZ_SECONDS; `make test`
+## runs FUZZ_CASES of each instead.
+fuzz: FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test --locked --lib fuzz:: -- --test-threads 1 --nocapture
 
 ## The alert rules: syntax, then their unit tests.
 rules: tools

@@ -30,6 +30,8 @@ pub mod config;
 pub mod contract;
 pub mod decision;
 pub mod flow;
+#[cfg(test)]
+mod fuzz;
 pub mod headers;
 pub mod health;
 pub mod http;

@@ -155,14 +155,14 @@ enum NotPublished {
 }
 
 /// A verified event that calls for `payment.event.success`.
-struct PaidSession {
+pub(crate) struct PaidSession {
     event_id: String,
     success: PaymentSucceeded,
 }
 
 /// Reads a verified event: the fields needed, leniently. `Err` is the answer when it calls for
 /// no publish.
-fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
+pub(crate) fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
     let event = serde_json::from_slice::<Value>(body).map_err(|_| Reply::InvalidPayload)?;
     let event_id = event["id"].as_str().unwrap_or_default().to_owned();
     if event_id.len() > MAX_EVENT_ID {
