@@ -128,6 +128,20 @@ impl Client {
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_headers(table);
+        self.publish_properties(exchange, routing_key, body, properties).await;
+    }
+
+    /// The same with properties of the test's choosing.
+    ///
+    /// # Panics
+    /// When the broker does not confirm.
+    pub async fn publish_properties(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) {
         let confirm = self
             .channel
             .basic_publish(

@@ -62,3 +62,37 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+/// A broker user of a test's own, with full permissions on one vhost; deleted on drop.
+pub struct User {
+    name: String,
+    vhost: String,
+}
+
+impl User {
+    /// A user named after `vhost` and `role`, whose password is its name.
+    ///
+    /// # Panics
+    /// When `rabbitmqctl` cannot create it.
+    pub fn new(vhost: &Vhost, role: &str) -> Self {
+        let name = format!("{}-{role}", vhost.name());
+        rabbitmqctl(&["add_user", &name, &name]);
+        rabbitmqctl(&["set_permissions", "-p", vhost.name(), &name, ".*", ".*", ".*"]);
+        Self { name, vhost: vhost.name().to_owned() }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `amqp://<user>:<user>@127.0.0.1:5672/<vhost>`.
+    pub fn uri(&self) -> String {
+        format!("amqp://{0}:{0}@{1}/{2}", self.name, broker_host(), self.vhost)
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["delete_user", &self.name, "-q"]).status();
+    }
+}

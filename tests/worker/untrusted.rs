@@ -119,3 +119,41 @@ async fn oversized_headers_neither_block_the_queue_nor_lose_the_command() {
     assert_eq!(world.stripe.created_for("bulky").len(), 1);
     worker.stop().await.unwrap();
 }
+
+/// trip-service may set `user_id` (the broker checks it against its login). A copy the worker
+/// publishes under its own login must not carry it, or the broker closes the channel on every
+/// retry and the command comes back forever.
+#[tokio::test]
+async fn a_command_with_the_publishers_user_id_is_retried_and_parked_like_any_other() {
+    let world = World::new("user-id").await;
+    let trip_service = testkit::vhost::User::new(&world.vhost, "trip-service");
+    let publisher = testkit::amqp::Client::connect(&trip_service.uri()).await;
+    let worker = world.start_worker(&[]).await;
+    world.stripe.script("uid-retried", [Behaviour::unavailable()]);
+    world.stripe.script("uid-parked", [Behaviour::invalid_request()]);
+    for trip in ["uid-retried", "uid-parked"] {
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_user_id(trip_service.name().into());
+        publisher
+            .publish_properties(
+                "trip",
+                "payment.cmd.create_session",
+                &command(trip, "u", 100.0, "USD"),
+                properties,
+            )
+            .await;
+    }
+    assert_eq!(world.client.take(EVENTS, 1, Duration::from_secs(15)).await.len(), 1);
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(5)).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        parked[0].header_string("payment-original-user-id").as_deref(),
+        Some(trip_service.name())
+    );
+    let (_, scrape) = testkit::http_get(worker.http, "/metrics").await.unwrap();
+    assert!(scrape.contains("payment_worker_broker_reconnects_total 0"), "{scrape}");
+    drop(publisher);
+    worker.stop().await.unwrap();
+}
