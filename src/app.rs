@@ -4,14 +4,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_lapin::Pool;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::broker;
+use crate::access::Pool;
 use crate::cli::GlobalArgs;
 use crate::config::{ConfigError, RunArgs};
 use crate::flow::FlowControl;
@@ -28,8 +27,6 @@ use crate::worker::{Worker, WorkerError, WorkerSettings};
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot build the broker connection pool: {0}")]
-    Pool(#[from] deadpool_lapin::CreatePoolError),
     #[error(transparent)]
     Topology(#[from] crate::topology::TopologyError),
     #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
@@ -56,7 +53,7 @@ impl App {
     /// On invalid settings (named in the message), an unreadable or invalid topology file,
     /// or an HTTP address that cannot be bound.
     pub async fn build(global: &GlobalArgs, args: &RunArgs) -> Result<Self, StartError> {
-        let uri = global.broker_uri()?;
+        let broker = global.broker()?;
         let topology = Arc::new(global.load_topology()?);
         let metrics = Arc::new(Metrics::new());
         let breaker = args.breaker_settings()?;
@@ -76,7 +73,7 @@ impl App {
             .await
             .map_err(|source| StartError::Bind { addr: args.http_addr, source })?;
         let readiness = Readiness::new(metrics.ready.clone());
-        let pool = broker::pool(&uri, "payment-worker", 2)?;
+        let pool = broker.pool("payment-worker", 2);
         if gateway.is_mock() {
             warn!(
                 "MOCK MODE: STRIPE_SECRET_KEY is unset, sessions are fake \
@@ -93,7 +90,7 @@ impl App {
                 "Stripe mode"
             );
         }
-        info!(broker = %broker::redacted_uri(&uri), profile = %topology.profile, http_addr = %args.http_addr, "starting");
+        info!(broker = %broker.describe(), profile = %topology.profile, http_addr = %args.http_addr, "starting");
         let settings = WorkerSettings {
             prefetch: args.prefetch,
             shutdown_grace: args.shutdown_grace,
@@ -114,6 +111,7 @@ impl App {
             topology.clone(),
             Arc::new(gateway),
             pool.clone(),
+            broker,
             metrics.clone(),
             readiness.clone(),
             settings,

@@ -1,79 +1,10 @@
-//! Connections to RabbitMQ and publishing that waits for the broker's word.
+//! Publishing that waits for the broker's word.
 
 use std::fmt;
-use std::time::Duration;
 
-use deadpool_lapin::{Config, CreatePoolError, Pool, PoolConfig, Runtime, Timeouts};
 use lapin::Confirmation;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use secrecy::{ExposeSecret, SecretString};
-
-/// How long opening one connection may take before it counts as failed.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A pool of broker connections (deadpool-lapin): a connection that broke is replaced by a new
-/// one on the next `get`, which is how every component reconnects.
-///
-/// # Errors
-/// When the pool cannot be built (it needs a running tokio runtime).
-pub fn pool(
-    uri: &SecretString,
-    connection_name: &str,
-    max_size: usize,
-) -> Result<Pool, CreatePoolError> {
-    let config = Config {
-        url: Some(uri.expose_secret().to_owned()),
-        pool: Some(PoolConfig {
-            max_size,
-            timeouts: Timeouts {
-                wait: None,
-                create: Some(CONNECT_TIMEOUT),
-                recycle: Some(CONNECT_TIMEOUT),
-            },
-            ..PoolConfig::default()
-        }),
-    };
-    let name = connection_name.to_owned();
-    config.create_pool(
-        move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
-        Runtime::Tokio1,
-    )
-}
-
-/// The broker URI without its password, for logs and error messages.
-pub fn redacted_uri(uri: &SecretString) -> String {
-    match uri.expose_secret().parse::<lapin::uri::AMQPUri>() {
-        Ok(parsed) => format!(
-            "{}://{}@{}:{} (vhost {})",
-            match parsed.scheme {
-                lapin::uri::AMQPScheme::AMQP => "amqp",
-                lapin::uri::AMQPScheme::AMQPS => "amqps",
-            },
-            parsed.authority.userinfo.username,
-            parsed.authority.host,
-            parsed.authority.port,
-            parsed.vhost
-        ),
-        Err(_) => "(unparsable RABBITMQ_URI)".to_owned(),
-    }
-}
-
-/// Checks that a broker URI parses, without connecting.
-///
-/// # Errors
-/// The parser's complaint, which never contains the password.
-pub fn validate_uri(uri: &str) -> Result<(), String> {
-    uri.parse::<lapin::uri::AMQPUri>().map(|_| ()).map_err(|e| {
-        // lapin's message may quote the input; keep only the reason.
-        let reason = e.to_string();
-        if uri.len() > 8 && reason.contains(uri) {
-            "not an amqp:// or amqps:// URI".to_owned()
-        } else {
-            reason
-        }
-    })
-}
+use lapin::{BasicProperties, Channel, Connection};
 
 /// Properties of every message payment-worker writes on its own: `application/json`,
 /// persistent (`delivery_mode: 2`), as the Go services write theirs.

@@ -2,12 +2,14 @@
 //! wherever one is safe. Bad values stop the program at start with the setting's name.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::breaker::BreakerSettings;
+use crate::cli::secret_setting;
 use crate::pacer::PacerSettings;
 use crate::stripe::{CheckoutUrls, STRIPE_API};
 use crate::worker::ReconnectPolicy;
@@ -36,6 +38,10 @@ pub struct RunArgs {
     /// Stripe secret key. Unset: mock mode (fake `cs_test_mock_session_<trip>` sessions).
     #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true)]
     stripe_secret_key: Option<String>,
+
+    /// A file holding STRIPE_SECRET_KEY (a mounted secret); not both.
+    #[arg(long, env = "STRIPE_SECRET_KEY_FILE")]
+    stripe_secret_key_file: Option<PathBuf>,
 
     /// Stripe API base URL.
     #[arg(long, env = "STRIPE_API_BASE", default_value = STRIPE_API, value_parser = parse_http_url)]
@@ -85,6 +91,10 @@ pub struct RunArgs {
     /// Unset: `POST /webhook/stripe` answers 503.
     #[arg(long, env = "STRIPE_WEBHOOK_KEY", hide_env_values = true)]
     stripe_webhook_key: Option<String>,
+
+    /// A file holding STRIPE_WEBHOOK_KEY (a mounted secret); not both.
+    #[arg(long, env = "STRIPE_WEBHOOK_KEY_FILE")]
+    stripe_webhook_key_file: Option<PathBuf>,
 
     /// Largest accepted age of a webhook signature's timestamp.
     #[arg(long, env = "STRIPE_WEBHOOK_TOLERANCE", default_value = "300s", value_parser = parse_duration)]
@@ -156,26 +166,42 @@ impl RunArgs {
     /// # Errors
     /// When the key is set but blank.
     pub fn stripe_secret_key(&self) -> Result<Option<SecretString>, ConfigError> {
-        match &self.stripe_secret_key {
-            None => Ok(None),
-            Some(key) if key.trim().is_empty() || key.chars().any(char::is_control) => {
-                Err(ConfigError::new(
-                    "STRIPE_SECRET_KEY",
-                    "stripe-secret-key",
-                    "blank or contains control characters; unset it for mock mode",
-                ))
-            }
-            Some(key) => Ok(Some(SecretString::from(key.clone()))),
+        let Some((key, setting, flag)) = secret_setting(
+            self.stripe_secret_key.as_deref(),
+            self.stripe_secret_key_file.as_deref(),
+            ("STRIPE_SECRET_KEY", "stripe-secret-key"),
+            ("STRIPE_SECRET_KEY_FILE", "stripe-secret-key-file"),
+        )?
+        else {
+            return Ok(None);
+        };
+        let text = key.expose_secret();
+        if text.trim().is_empty() || text.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                setting,
+                flag,
+                "blank or contains control characters; unset it for mock mode",
+            ));
         }
+        Ok(Some(key))
     }
 
     /// The webhook signing secrets; empty when unset.
     ///
     /// # Errors
-    /// When the variable is set but holds no secret.
+    /// When the setting is set but holds no secret.
     pub fn webhook_secrets(&self) -> Result<Vec<SecretString>, ConfigError> {
-        let Some(list) = &self.stripe_webhook_key else { return Ok(Vec::new()) };
+        let Some((list, setting, flag)) = secret_setting(
+            self.stripe_webhook_key.as_deref(),
+            self.stripe_webhook_key_file.as_deref(),
+            ("STRIPE_WEBHOOK_KEY", "stripe-webhook-key"),
+            ("STRIPE_WEBHOOK_KEY_FILE", "stripe-webhook-key-file"),
+        )?
+        else {
+            return Ok(Vec::new());
+        };
         let secrets: Vec<SecretString> = list
+            .expose_secret()
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -183,8 +209,8 @@ impl RunArgs {
             .collect();
         if secrets.is_empty() {
             return Err(ConfigError::new(
-                "STRIPE_WEBHOOK_KEY",
-                "stripe-webhook-key",
+                setting,
+                flag,
                 "set but empty; unset it to disable the webhook",
             ));
         }
@@ -332,7 +358,7 @@ mod tests {
         };
         match Cli::try_parse_from(argv) {
             Ok(Cli { global, command: Command::Run(run) }) => {
-                global.broker_uri().map_err(|e| e.to_string())?;
+                global.broker().map_err(|e| e.to_string())?;
                 checked(&run).map_err(|e| e.to_string())?;
                 Ok(*run)
             }

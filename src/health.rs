@@ -4,11 +4,11 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
 
-/// Whether the worker can do its job right now, and if not, why.
+/// Whether the worker can do its job right now: what it is doing, or why it cannot.
 #[derive(Clone)]
 pub struct Readiness {
-    /// `None` when ready, else the short reason `/readyz` reports.
-    state: Arc<Mutex<Option<String>>>,
+    /// `Ok(what it is doing)` when ready, else the short reason `/readyz` reports.
+    state: Arc<Mutex<Result<String, String>>>,
     /// Mirrors the state as `payment_worker_ready`.
     gauge: IntGauge,
 }
@@ -17,31 +17,29 @@ impl Readiness {
     /// Starts not ready.
     pub fn new(gauge: IntGauge) -> Self {
         gauge.set(0);
-        Self { state: Arc::new(Mutex::new(Some("starting".into()))), gauge }
+        Self { state: Arc::new(Mutex::new(Err("starting".into()))), gauge }
     }
 
-    pub fn set_ready(&self) {
-        *self.lock() = None;
+    /// Ready, doing `what` (such as which queue it consumes on which node).
+    pub fn set_ready(&self, what: impl Into<String>) {
+        *self.lock() = Ok(what.into());
         self.gauge.set(1);
     }
 
     pub fn set_not_ready(&self, reason: impl Into<String>) {
-        *self.lock() = Some(reason.into());
+        *self.lock() = Err(reason.into());
         self.gauge.set(0);
     }
 
-    /// `Ok` when ready, else the reason.
+    /// What the worker is doing when ready.
     ///
     /// # Errors
     /// The reason the worker is not ready.
-    pub fn check(&self) -> Result<(), String> {
-        match &*self.lock() {
-            None => Ok(()),
-            Some(reason) => Err(reason.clone()),
-        }
+    pub fn check(&self) -> Result<String, String> {
+        self.lock().clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Result<String, String>> {
         // The state is a plain value: a panic while holding the lock cannot corrupt it.
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }

@@ -49,7 +49,7 @@ async fn healthz() -> &'static str {
 /// Connected, topology declared, consumer running; else 503 with the reason.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     match state.readiness.check() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(what) => (StatusCode::OK, format!("ready: {what}\n")),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
 }

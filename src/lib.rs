@@ -15,13 +15,15 @@
 //!   Stripe-wide failures) and [`pacer`] (the adaptive request rate).
 //! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
 //! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
-//! - [`broker`]: connection pool and confirmed, mandatory publishing.
+//! - [`access`]: reaching the broker: one node or a cluster's several, TLS, the pool.
+//! - [`broker`]: confirmed, mandatory publishing.
 //! - [`headers`]: AMQP header values, whatever type a peer sent them as.
 //! - [`trace`]: W3C trace context carried from a command to the events it causes.
 //! - [`ops`]: the operator subcommands (`topology`, `parked`, `send`), a file each.
 //! - [`webhook`]: Stripe's `checkout.session.completed` into `payment.event.success`.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
 
+pub mod access;
 pub mod app;
 pub mod breaker;
 pub mod broker;
@@ -46,13 +48,17 @@ pub mod trace;
 pub mod webhook;
 pub mod worker;
 
-/// An error and its sources, joined with `: `.
+/// An error and its sources, joined with `: `; a source whose text its error already
+/// includes is not repeated.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
         source = cause.source();
     }
     text

@@ -16,11 +16,11 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::access::Pool;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
-use deadpool_lapin::Pool;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
@@ -145,7 +145,7 @@ impl Reply {
 #[derive(Debug, thiserror::Error)]
 enum NotPublished {
     #[error("connecting: {0}")]
-    Connect(deadpool_lapin::PoolError),
+    Connect(crate::access::PoolError),
     #[error("opening a channel: {0}")]
     Channel(lapin::Error),
     #[error(transparent)]

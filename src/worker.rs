@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::access::{BrokerAccess, Pool, PoolError};
 use backon::{BackoffBuilder, ExponentialBuilder};
-use deadpool_lapin::Pool;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -46,6 +46,9 @@ use crate::retry::{self, FailedAttempt, Origin, ParkReason, RetryState};
 use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError};
 use crate::topology::{Delay, Topology, TopologyError};
 use crate::trace;
+
+/// How often a broker that did not answer is probed (a TCP connect) between reconnects.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long a requeued command is held before it goes back, so that a broker refusing every
 /// replacement does not turn into a hot loop.
@@ -134,8 +137,10 @@ struct Opened {
 enum ConnectionEnd {
     /// Asked to stop; in-flight work was drained.
     Stopped,
-    /// The connection failed; `consumed` tells whether it had got as far as consuming.
-    Lost { consumed: bool, cause: String },
+    /// The connection failed; `consumed` tells whether it had got as far as consuming, and
+    /// `answered` whether the broker answered at all (else a cheap probe may find it back
+    /// before the backoff delay ends).
+    Lost { consumed: bool, answered: bool, cause: String },
     /// The broker refused the topology in a way retrying cannot fix.
     Fatal(TopologyError),
 }
@@ -145,6 +150,7 @@ pub struct Worker {
     topology: Arc<Topology>,
     gateway: Arc<Gateway>,
     pool: Pool,
+    broker: BrokerAccess,
     metrics: Arc<Metrics>,
     readiness: Readiness,
     settings: WorkerSettings,
@@ -155,11 +161,12 @@ impl Worker {
         topology: Arc<Topology>,
         gateway: Arc<Gateway>,
         pool: Pool,
+        broker: BrokerAccess,
         metrics: Arc<Metrics>,
         readiness: Readiness,
         settings: WorkerSettings,
     ) -> Self {
-        Self { topology, gateway, pool, metrics, readiness, settings }
+        Self { topology, gateway, pool, broker, metrics, readiness, settings }
     }
 
     /// Consumes until `shutdown` is cancelled, reconnecting after every lost connection.
@@ -178,7 +185,7 @@ impl Worker {
                     self.readiness.set_not_ready("topology refused by the broker");
                     return Err(WorkerError::Topology(e));
                 }
-                ConnectionEnd::Lost { consumed, cause } => {
+                ConnectionEnd::Lost { consumed, answered, cause } => {
                     self.readiness.set_not_ready(format!("broker session lost: {cause}"));
                     if consumed {
                         backoff = self.settings.reconnect.backoff();
@@ -199,20 +206,44 @@ impl Worker {
                     self.metrics.broker_reconnects.inc();
                     tokio::select! {
                         () = shutdown.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(delay) => {}
+                        () = self.wait_to_reconnect(delay, answered) => {}
                     }
                 }
             }
         }
     }
 
+    /// Waits `delay` before the next connection. When the broker did not answer at all,
+    /// a TCP connect to its nodes every [`PROBE_INTERVAL`] ends the wait as soon as one
+    /// answers: the worker is back within a fraction of a second of the broker, and a broker
+    /// that answers but refuses (credentials, TLS, topology) is not hammered with handshakes.
+    async fn wait_to_reconnect(&self, delay: Duration, answered: bool) {
+        let until = tokio::time::Instant::now() + delay;
+        if answered {
+            return tokio::time::sleep_until(until).await;
+        }
+        while tokio::time::Instant::now() < until {
+            let probe = self.broker.probe(PROBE_INTERVAL);
+            if let Ok(true) = tokio::time::timeout_at(until, probe).await {
+                return;
+            }
+            tokio::time::sleep_until(until.min(tokio::time::Instant::now() + PROBE_INTERVAL)).await;
+        }
+    }
+
     /// One broker connection, from connecting to its end: open, consume, then drain (asked to
     /// stop) or abandon (lost).
     async fn connection(&self, shutdown: &CancellationToken) -> ConnectionEnd {
-        let lost = |cause: String| ConnectionEnd::Lost { consumed: false, cause };
         let connection = match self.pool.get().await {
             Ok(connection) => connection,
-            Err(e) => return lost(format!("connecting: {}", error_chain(&e))),
+            Err(e) => {
+                let answered = match &e {
+                    PoolError::Backend(e) => e.answered,
+                    _ => true,
+                };
+                let cause = format!("connecting: {}", error_chain(&e));
+                return ConnectionEnd::Lost { consumed: false, answered, cause };
+            }
         };
         let opened = match self.open(&connection).await {
             Ok(opened) => opened,
@@ -223,11 +254,16 @@ impl Worker {
         };
         info!(
             queue = %self.topology.work_queue.name,
+            node = %connection.node(),
             prefetch = self.settings.prefetch,
             profile = %self.topology.profile,
             "consuming",
         );
-        self.readiness.set_ready();
+        self.readiness.set_ready(format!(
+            "consuming {} on {}",
+            self.topology.work_queue.name,
+            connection.node()
+        ));
         self.metrics.broker_connected.set(1);
 
         let connection_failed = CancellationToken::new();
@@ -269,14 +305,14 @@ impl Worker {
                 tasks.set.abort_all();
                 // Closing the connection hands every unacked delivery back to the broker.
                 close(&connection).await;
-                ConnectionEnd::Lost { consumed: true, cause }
+                ConnectionEnd::Lost { consumed: true, answered: false, cause }
             }
         }
     }
 
     /// Declares the topology and opens the publish and consume channels and the consumer.
     async fn open(&self, connection: &Connection) -> Result<Opened, ConnectionEnd> {
-        let lost = |cause: String| ConnectionEnd::Lost { consumed: false, cause };
+        let lost = |cause: String| ConnectionEnd::Lost { consumed: false, answered: true, cause };
         let channel = connection
             .create_channel()
             .await

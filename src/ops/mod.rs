@@ -13,11 +13,11 @@ pub mod topology;
 
 use std::io::Write as _;
 
-use lapin::{Channel, Connection, ConnectionProperties};
-use secrecy::ExposeSecret;
+use lapin::{Channel, Connection};
 use serde::Serialize;
 
-use crate::broker::{PublishError, redacted_uri};
+use crate::access::BrokerConnection;
+use crate::broker::PublishError;
 use crate::cli::GlobalArgs;
 use crate::config::ConfigError;
 use crate::topology::TopologyError;
@@ -60,20 +60,19 @@ pub fn describe(error: &lapin::Error, what: &str) -> OpsError {
 ///
 /// # Errors
 /// When RABBITMQ_URI is invalid, the broker cannot be reached or refuses the credentials.
-pub async fn connect(global: &GlobalArgs) -> Result<Connection, OpsError> {
-    let uri = global.broker_uri()?;
-    let properties =
-        ConnectionProperties::default().with_connection_name("payment-worker-cli".into());
-    Connection::connect(uri.expose_secret(), properties)
-        .await
-        .map_err(|e| describe(&e, &format!("connecting to {}", redacted_uri(&uri))))
+pub async fn connect(global: &GlobalArgs) -> Result<BrokerConnection, OpsError> {
+    let broker = global.broker()?;
+    broker.connect("payment-worker-cli").await.map_err(|e| OpsError::Broker {
+        what: format!("connecting to {}", broker.describe()),
+        reason: e.to_string(),
+    })
 }
 
 async fn channel(connection: &Connection) -> Result<Channel, OpsError> {
     connection.create_channel().await.map_err(|e| describe(&e, "opening a channel"))
 }
 
-async fn close(connection: Connection) {
+async fn close(connection: BrokerConnection) {
     let _ = connection.close(200, "done".into()).await;
 }
 

@@ -12,6 +12,7 @@
 //! - [`cli`]: the operator commands, run as an operator would.
 //! - [`gopeer`]: the Go services' side of the wire (trip-service, api-gateway), built from
 //!   `tests/go/gopeer` with Go's own `encoding/json` and `amqp091-go`.
+//! - [`tls::TestPki`]: a CA, server and client certificates made for one test run.
 //! - [`names`]: the default profile's queue names.
 //! - [`stats`]: sizes from the environment and percentiles, for the long runs.
 
@@ -24,6 +25,7 @@ pub mod pod;
 pub mod proxy;
 pub mod stats;
 pub mod stripe;
+pub mod tls;
 pub mod vhost;
 
 /// A plain HTTP/1.0 GET on loopback: `(status, body)`, or `None` when nothing answers.

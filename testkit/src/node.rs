@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::tls::TestPki;
+
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
 
@@ -14,6 +16,8 @@ pub struct RabbitNode {
     name: String,
     port: u16,
     dist_port: u16,
+    /// The TLS listener's port, when the node has one.
+    tls_port: Option<u16>,
     dir: PathBuf,
 }
 
@@ -23,17 +27,56 @@ impl RabbitNode {
     /// # Panics
     /// When the node does not start.
     pub fn start(tag: &str) -> Self {
+        Self::start_with(tag, None)
+    }
+
+    /// Starts a node that also listens for AMQP over TLS with `pki`'s server certificate,
+    /// and demands a client certificate signed by its CA (`verify_peer`,
+    /// `fail_if_no_peer_cert`).
+    ///
+    /// # Panics
+    /// When the node does not start.
+    pub fn start_tls(tag: &str, pki: &TestPki) -> Self {
+        Self::start_with(tag, Some(pki))
+    }
+
+    fn start_with(tag: &str, pki: Option<&TestPki>) -> Self {
         let port = crate::free_loopback_addr().port();
         let dist_port = crate::free_loopback_addr().port();
         let name = format!("pw-{tag}-{}@localhost", std::process::id());
         let dir = std::env::temp_dir().join(format!("pw-node-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("node directory");
-        std::fs::write(dir.join("rabbitmq.conf"), "loopback_users = none\n").expect("node config");
+        let mut config = "loopback_users = none\n".to_owned();
+        let tls_port = pki.map(|pki| {
+            let tls_port = crate::free_loopback_addr().port();
+            config.push_str(&format!(
+                "listeners.ssl.default = {tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = true\n",
+                pki.arg("ca.pem"),
+                pki.arg("server.pem"),
+                pki.arg("server-key.pem"),
+            ));
+            tls_port
+        });
+        std::fs::write(dir.join("rabbitmq.conf"), config).expect("node config");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
-        let node = Self { name, port, dist_port, dir };
+        let node = Self { name, port, dist_port, tls_port, dir };
         node.boot();
         node
+    }
+
+    /// `amqps://guest:guest@localhost:<tls port>/%2f`.
+    ///
+    /// # Panics
+    /// When the node has no TLS listener.
+    pub fn tls_uri(&self) -> String {
+        let port = self.tls_port.expect("a node started with start_tls");
+        format!("amqps://guest:guest@localhost:{port}/%2f")
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
@@ -86,8 +129,11 @@ impl RabbitNode {
     }
 
     fn wait_for_port(&self) {
+        let tls = self.tls_port.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
         for _ in 0..1200 {
-            if std::net::TcpStream::connect(self.addr()).is_ok() {
+            if std::net::TcpStream::connect(self.addr()).is_ok()
+                && tls.is_none_or(|tls| std::net::TcpStream::connect(tls).is_ok())
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -5,9 +5,9 @@ use std::process::Command;
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_payment-worker"))
         .args(args)
+        .env_remove("STRIPE_SECRET_KEY")
         .envs([("HTTP_ADDR", "127.0.0.1:0"), ("RECONNECT_MAX_ATTEMPTS", "1")])
         .envs(env.iter().copied())
-        .env_remove("STRIPE_SECRET_KEY")
         .output()
         .expect("run the binary");
     (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
@@ -30,4 +30,51 @@ fn bad_settings_fail_fast_and_name_the_setting() {
         assert!(stderr.contains(name), "{env:?}: {stderr}");
         assert!(!stderr.contains("secret-pw"), "the password leaked: {stderr}");
     }
+}
+
+#[test]
+fn broker_and_secret_files_fail_fast_and_name_the_setting() {
+    let dir = std::env::temp_dir().join(format!("pw-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let uri_file = dir.join("uri");
+    std::fs::write(&uri_file, "amqp://u:secret-pw@127.0.0.1:1/%2f\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let (not_pem, uri_file, missing) =
+        (not_pem.to_str().unwrap(), uri_file.to_str().unwrap(), missing.to_str().unwrap());
+    for (env, name) in [
+        (
+            &[("RABBITMQ_URI", "amqp://a/%2f"), ("RABBITMQ_URI_FILE", uri_file)][..],
+            "RABBITMQ_URI_FILE",
+        ),
+        (&[("RABBITMQ_URI_FILE", missing)][..], "RABBITMQ_URI_FILE"),
+        (
+            &[("RABBITMQ_URI", "amqp://u:secret-pw@a/%2f,postgres://u:secret-pw@h/db")][..],
+            "URI 2 of 2",
+        ),
+        (&[("RABBITMQ_TLS_CA_FILE", missing)][..], "RABBITMQ_TLS_CA_FILE"),
+        (&[("RABBITMQ_TLS_CA_FILE", not_pem)][..], "RABBITMQ_TLS_CA_FILE"),
+        (&[("RABBITMQ_TLS_CERT_FILE", not_pem)][..], "RABBITMQ_TLS_KEY_FILE"),
+        (
+            &[("RABBITMQ_TLS_CERT_FILE", not_pem), ("RABBITMQ_TLS_KEY_FILE", not_pem)][..],
+            "RABBITMQ_TLS_CERT_FILE",
+        ),
+        (&[("RABBITMQ_CONNECT_TIMEOUT", "0s")][..], "RABBITMQ_CONNECT_TIMEOUT"),
+        (&[("STRIPE_WEBHOOK_KEY_FILE", missing)][..], "STRIPE_WEBHOOK_KEY_FILE"),
+    ] {
+        let (code, stderr) = run(&["run"], env);
+        assert_ne!(code, Some(0), "{env:?} accepted");
+        assert!(stderr.contains(name), "{env:?}: {stderr}");
+        assert!(!stderr.contains("secret-pw"), "the password leaked: {stderr}");
+    }
+    let both = ["run", "--stripe-secret-key", "sk_test_x"];
+    let (code, stderr) = run(&both, &[("STRIPE_SECRET_KEY_FILE", uri_file)]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("STRIPE_SECRET_KEY_FILE"), "{stderr}");
+    // The operator commands read the same settings.
+    let (code, stderr) = run(&["parked", "list"], &[("RABBITMQ_URI_FILE", missing)]);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("RABBITMQ_URI_FILE"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

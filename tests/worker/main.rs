@@ -1,5 +1,6 @@
 //! The worker against a real RabbitMQ (a vhost per test) and the Stripe stand-in.
 
+mod brokers;
 mod config;
 mod contract;
 mod flow;
@@ -11,6 +12,7 @@ mod observability;
 mod ops;
 mod recovery;
 mod retries;
+mod tls;
 mod topology;
 mod untrusted;
 mod webhook;

@@ -151,6 +151,9 @@ async fn readiness_follows_the_broker_session() {
     worker.stop().await.unwrap();
 
     let worker = world.start_worker(&[]).await;
-    assert_eq!(http_get(worker.http, "/readyz").await.unwrap(), (200, "ready\n".into()));
+    let (status, body) = http_get(worker.http, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.starts_with("ready: consuming payment_trip_response on amqp://guest@"), "{body}");
+    assert!(!body.contains("guest:guest"), "{body}");
     worker.stop().await.unwrap();
 }

@@ -1,0 +1,81 @@
+//! Reaching the broker: several URIs (a cluster's nodes), secrets read from files.
+
+use std::time::{Duration, Instant};
+
+use testkit::amqp::command;
+use testkit::http_get;
+use testkit::stripe::SECRET_KEY;
+use tokio::net::TcpListener;
+
+use crate::helpers::{EVENTS, World, wait_ready};
+
+/// A port that accepts connections and never says a word: a node that hangs.
+async fn silent_node() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_node_that_refuses_or_hangs_is_passed_over_at_once() {
+    let world = World::new("nodes").await;
+    let refused = testkit::free_loopback_addr();
+    let (silent, _task) = silent_node().await;
+    let vhost = world.vhost.name();
+    let uris = format!(
+        "amqp://guest:guest@{refused}/{vhost}, amqp://guest:guest@{silent}/{vhost},{}",
+        world.vhost.uri()
+    );
+    // However the rotation starts, the worker tries the live node within one connect timeout
+    // of the silent one.
+    let started = Instant::now();
+    let worker =
+        world.spawn_worker(&["--rabbitmq-uri", &uris, "--rabbitmq-connect-timeout", "1s"]).await;
+    wait_ready(worker.http).await;
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    let (_, body) = http_get(worker.http, "/readyz").await.unwrap();
+    let live = testkit::vhost::broker_host();
+    assert!(body.contains(&format!("on amqp://guest@{live}")), "{body}");
+    world.client.send_command(&command("nodes-1", "u", 100.0, "USD")).await;
+    assert_eq!(world.client.take(EVENTS, 1, Duration::from_secs(10)).await.len(), 1);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn secrets_are_read_from_files() {
+    let world = World::new("secret-files").await;
+    let dir = std::env::temp_dir().join(format!("pw-secrets-{}", world.vhost.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (uri_file, key_file) = (dir.join("rabbitmq-uri"), dir.join("stripe-secret-key"));
+    // As Kubernetes mounts them: a trailing newline is not part of the secret.
+    std::fs::write(&uri_file, format!("{}\n", world.vhost.uri())).unwrap();
+    std::fs::write(&key_file, format!("{SECRET_KEY}\n")).unwrap();
+    let args: Vec<String> = [
+        "payment-worker",
+        "--rabbitmq-uri-file",
+        uri_file.to_str().unwrap(),
+        "run",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--stripe-secret-key-file",
+        key_file.to_str().unwrap(),
+        "--stripe-api-base",
+        &world.stripe.base_url(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let worker = world.spawn_with(args).await;
+    wait_ready(worker.http).await;
+    world.client.send_command(&command("from-files", "u", 100.0, "USD")).await;
+    assert_eq!(world.client.take(EVENTS, 1, Duration::from_secs(10)).await.len(), 1);
+    assert_eq!(world.stripe.created_for("from-files").len(), 1, "the real key reached Stripe");
+    worker.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
