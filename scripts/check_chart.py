@@ -45,8 +45,13 @@ if len(settings) < 10:
     sys.exit(f"check_chart.py: found only {sorted(settings)} as settings under src/; "
              "the scan for `env = \"NAME\"` attributes is broken")
 SECRET_SETTINGS = {"RABBITMQ_URI", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_KEY"}
+# The same secrets as files, and the TLS files: set only when the values ask for them.
+FILE_SETTINGS = {f"{s}_FILE" for s in SECRET_SETTINGS} | {
+    "RABBITMQ_TLS_CA_FILE", "RABBITMQ_TLS_CERT_FILE", "RABBITMQ_TLS_KEY_FILE"}
+RENDERS_WITH_INLINE_SECRETS = {"default-values", "files-and-tls-values"}
 
-for name in ["default-values", "existing-secret-values", "monitoring-values", "single-replica-values"]:
+for name in ["default-values", "existing-secret-values", "monitoring-values", "single-replica-values",
+             "files-and-tls-values"]:
     docs = load(name)
     deployment = only(docs, "Deployment")
     service = only(docs, "Service")
@@ -68,8 +73,33 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     reachable = set(configmap["data"]) | env_names
     # Derived from APP_URL unless set; no ceiling unless set.
     optional = {"STRIPE_SUCCESS_URL", "STRIPE_CANCEL_URL", "STRIPE_MAX_RPS"}
-    missing = settings - reachable - optional - SECRET_SETTINGS
+    missing = settings - reachable - optional - SECRET_SETTINGS - FILE_SETTINGS
     check(not missing, f"{name}: settings not reachable from values: {sorted(missing)}")
+    check(FILE_SETTINGS <= settings, f"{name}: the binary reads {sorted(FILE_SETTINGS - settings)}")
+
+    # Files the settings name are on read-only mounts of the right Secret, holding that key.
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    for setting in FILE_SETTINGS & set(configmap["data"]):
+        path = configmap["data"][setting]
+        holding = [m for m in mounts.values() if path.startswith(m["mountPath"] + "/")]
+        mount = max(holding, key=lambda m: len(m["mountPath"]), default=None)
+        check(mount is not None and mount.get("readOnly") is True, f"{name}: {setting} is on a read-only mount")
+        if mount:
+            secret_volume = volumes[mount["name"]].get("secret", {})
+            check(bool(secret_volume.get("secretName")), f"{name}: {setting} comes from a Secret")
+            key = path[len(mount["mountPath"]) + 1:]
+            if setting.removesuffix("_FILE") in SECRET_SETTINGS:
+                check(key == setting.removesuffix("_FILE"), f"{name}: {setting} is the Secret's {key} key")
+                check(setting.removesuffix("_FILE") not in env_names, f"{name}: {setting} and its variable are not both set")
+            else:
+                check(key in {"ca.crt", "tls.crt", "tls.key"}, f"{name}: {setting} is a cert-manager key ({key})")
+    if name == "files-and-tls-values":
+        check(FILE_SETTINGS <= set(configmap["data"]), f"{name}: every file setting is rendered: {sorted(FILE_SETTINGS - set(configmap['data']))}")
+        check(not env_names & SECRET_SETTINGS, f"{name}: no secret in the environment")
+        uris = only(docs, "Secret")["stringData"]["RABBITMQ_URI"]
+        check(len(uris.split(",")) == 3, f"{name}: the Secret holds the three broker URIs")
+        check(configmap["data"]["RABBITMQ_CONNECT_TIMEOUT"] == "2s", f"{name}: broker.connectTimeout is rendered")
 
     # The mounted topology is the one the binary ships.
     profile = {"existing-secret-values": "quorum", "monitoring-values": "extended"}.get(name, "default")
@@ -109,8 +139,8 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
         check(pdb is None, f"{name}: no PodDisruptionBudget with one replica")
 
     secret = only(docs, "Secret")
-    check(name != "default-values" or secret is not None, f"{name}: inline secrets render a Secret")
-    check(name == "default-values" or secret is None, f"{name}: no Secret rendered")
+    check(name not in RENDERS_WITH_INLINE_SECRETS or secret is not None, f"{name}: inline secrets render a Secret")
+    check(name in RENDERS_WITH_INLINE_SECRETS or secret is None, f"{name}: no Secret rendered")
     check("checksum/secret" in pod["metadata"]["annotations"] or secret is None, f"{name}: checksum/secret annotation")
     for item in container.get("env", []):
         ref = item.get("valueFrom", {}).get("secretKeyRef")
@@ -152,6 +182,9 @@ for args, expected in [
     (["--set", "mode=mock", "--set", "replicaCount=two"], "replicaCount"),
     (["--set", "mode=mock", "--set", "typo=1"], "typo"),
     (["--set", "mode=mock", "--set", "ingress.enabled=true"], "ingress.host"),
+    (["--set", "mode=mock", "--set", "broker.tls.clientCertificate=true"], "broker.tls.secretName"),
+    (["--set", "mode=mock", "--set", "secrets.rabbitmqUri=amqp://a/%2f\\,http://b/"], "rabbitmqUri"),
+    (["--set", "mode=mock", "--set", "broker.connectTimeout=soon"], "connectTimeout"),
 ]:
     result = helm_template(*args)
     check(result.returncode != 0 and expected in result.stderr,
