@@ -61,6 +61,12 @@ pub struct WorkQueue {
     pub name: String,
     /// Also used for the event queues: all of them belong to the trip system.
     pub queue_type: QueueType,
+    /// Quorum only: deliveries of one message before the broker gives up on it (RabbitMQ 4
+    /// sets 20 when none is declared, and dead-letters past it). When set, what exceeds it is
+    /// dead-lettered into the parking queue instead of the trip system's `dlx`, whose
+    /// consumer drops payment messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -229,6 +235,19 @@ impl Topology {
                 )));
             }
         }
+        match (self.work_queue.delivery_limit, self.work_queue.queue_type) {
+            (Some(0), _) => {
+                return Err(invalid("work_queue.delivery_limit must be at least 1".into()));
+            }
+            (Some(_), QueueType::Classic) => {
+                return Err(invalid(
+                    "work_queue.delivery_limit needs queue_type = \"quorum\": classic queues \
+                     refuse x-delivery-limit"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
         if self.parking.queue == "dead_letter_queue" {
             return Err(invalid(
                 "parking.queue must not be the trip system's dead_letter_queue: its consumer \
@@ -269,7 +288,23 @@ impl Topology {
             ExchangeDecl { name: self.exchanges.dead_letter.clone(), kind: ExchangeType::Topic },
             ExchangeDecl { name: self.retry.exchange.clone(), kind: ExchangeType::Direct },
         ];
-        let mut queues = vec![contract_queue(&self.work_queue.name)];
+        let work_queue = match self.work_queue.delivery_limit {
+            None => contract_queue(&self.work_queue.name),
+            Some(limit) => QueueDecl {
+                name: self.work_queue.name.clone(),
+                arguments: with_type(
+                    self.work_queue.queue_type,
+                    vec![
+                        ("x-delivery-limit", Arg::Int(i64::from(limit))),
+                        ("x-dead-letter-exchange", Arg::Str(String::new())),
+                        ("x-dead-letter-routing-key", Arg::Str(self.parking.queue.clone())),
+                        ("x-dead-letter-strategy", Arg::Str("at-least-once".into())),
+                        ("x-overflow", Arg::Str("reject-publish".into())),
+                    ],
+                ),
+            },
+        };
+        let mut queues = vec![work_queue];
         let mut bindings = vec![BindingDecl {
             exchange: self.exchanges.trip.clone(),
             queue: self.work_queue.name.clone(),

@@ -177,9 +177,17 @@ impl ParkedEntry {
                 .or_else(|| Envelope::decode(body).ok().map(|e| e.owner_id)),
             amount: command.as_ref().map(|c| c.amount.get()),
             currency: command.as_ref().map(|c| c.currency.as_received().to_owned()),
+            // Parked by the broker (a quorum work queue's delivery limit) rather than by a
+            // worker: its dead-letter headers say why.
             reason: headers::string(&headers, retry::PARK_REASON)
+                .or_else(|| headers::string(&headers, "x-first-death-reason"))
                 .unwrap_or_else(|| "unknown".into()),
-            detail: headers::string(&headers, retry::PARK_DETAIL).unwrap_or_default(),
+            detail: headers::string(&headers, retry::PARK_DETAIL)
+                .or_else(|| {
+                    let queue = headers::string(&headers, "x-first-death-queue")?;
+                    Some(format!("dead-lettered by the broker from {queue}"))
+                })
+                .unwrap_or_default(),
             attempts: state.attempts,
             first_failure_at_ms: state.first_failure_at,
             parked_at_ms: headers::int(&headers, retry::PARKED_AT)

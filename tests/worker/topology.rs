@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use lapin::ExchangeKind;
-use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicGetOptions, BasicNackOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, WORK, World, repo_path};
+use crate::helpers::{EVENTS, PARKED, WORK, World, repo_path};
 
 /// Declares the work queue and exchanges exactly as the Go services do.
 async fn declare_like_go(world: &World) {
@@ -115,4 +117,43 @@ async fn the_quorum_profile_retries_and_parks_too() {
         "{wait}"
     );
     worker.stop().await.unwrap();
+}
+
+/// RabbitMQ 4 gives quorum queues a delivery limit of 20 and dead-letters what exceeds it; the
+/// quorum profile states its work queue's limit and sends what exceeds it to the parking
+/// queue, where `parked list` says why (on 3.10, as on 4).
+#[tokio::test]
+async fn the_quorum_work_queue_parks_what_exceeds_its_delivery_limit() {
+    let world = World::new("quorum-limit").await;
+    let profile = repo_path("topology/quorum.toml");
+    let worker = world.start_worker(&["--topology", profile.to_str().unwrap()]).await;
+    worker.stop().await.unwrap();
+    // A command that keeps coming back (a consumer that dies with it, again and again).
+    world.client.send_command(&command("q-poison", "u", 100.0, "USD")).await;
+    let channel = &world.client.channel;
+    let mut deliveries = 0;
+    while let Some(message) =
+        channel.basic_get(WORK.into(), BasicGetOptions::default()).await.unwrap()
+    {
+        deliveries += 1;
+        let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+        message.delivery.acker.nack(requeue).await.unwrap();
+        assert!(deliveries <= 25, "never dead-lettered");
+    }
+    assert_eq!(deliveries, 21, "the limit, 20, and the delivery past it");
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(5)).await;
+    assert_eq!(parked.len(), 1, "exceeded, it is parked, not sent to dlx");
+    assert_eq!(inner(&parked[0].body)["tripID"], "q-poison");
+    assert!(matches!(world.client.try_depth("dead_letter_queue").await, None | Some(0)));
+    // Put it back as it was and read it as an operator would.
+    let copy = parked[0].properties.clone();
+    world.client.publish_properties("", PARKED, &parked[0].body, copy).await;
+    let (code, out, _) = testkit::cli::run(
+        env!("CARGO_BIN_EXE_payment-worker"),
+        &world.vhost.uri(),
+        &["--topology", profile.to_str().unwrap(), "parked", "list"],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("q-poison") && out.contains("reason=delivery_limit"), "{out}");
 }
