@@ -7,6 +7,7 @@
 //!   changed request, and scripted failures.
 //! - [`amqp`]: publishing commands and reading queues the way the trip system would.
 //! - [`node`]: a RabbitMQ node of a test's own, to stop and kill freely.
+//! - [`cluster::RabbitCluster`]: three such nodes joined into a cluster.
 //! - [`proxy::FaultProxy`]: a TCP proxy that cuts and delays connections.
 //! - [`pod::Pod`]: the worker binary as a child process, ready when `/readyz` says so.
 //! - [`cli`]: the operator commands, run as an operator would.
@@ -18,6 +19,7 @@
 
 pub mod amqp;
 pub mod cli;
+pub mod cluster;
 pub mod gopeer;
 pub mod names;
 pub mod node;

@@ -120,15 +120,46 @@ impl RabbitNode {
         assert!(status.success(), "rabbitmqctl {args:?} failed on {}", self.name);
     }
 
+    /// `rabbitmqctl -n <node> ARGS`, its output; `None` when it fails (the node is down).
+    pub fn ctl_output(&self, args: &[&str]) -> Option<String> {
+        let output = self
+            .command(CTL)
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .args(["-q", "--no-table-headers"])
+            .output()
+            .ok()?;
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// Starts the node detached and waits for its AMQP listener, which opens last in the boot
     /// (`rabbitmqctl await_startup` fails at once while the node has not yet registered).
     fn boot(&self) {
-        let status = self.command(SERVER).arg("-detached").status().expect("rabbitmq-server");
-        assert!(status.success(), "rabbitmq-server did not start");
+        self.launch();
         self.wait_for_port();
     }
 
-    fn wait_for_port(&self) {
+    /// Starts the node's process (after [`RabbitNode::kill`]) without waiting for it: a
+    /// cluster member restarted with the others waits for them before it opens its port.
+    ///
+    /// # Panics
+    /// When `rabbitmq-server` cannot be started.
+    pub fn launch(&self) {
+        let status = self.command(SERVER).arg("-detached").status().expect("rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server did not start");
+    }
+
+    /// The Erlang node name (`pw-…@localhost`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits until the node accepts AMQP connections.
+    ///
+    /// # Panics
+    /// After two minutes without.
+    pub fn wait_for_port(&self) {
         let tls = self.tls_port.map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
         for _ in 0..1200 {
             if std::net::TcpStream::connect(self.addr()).is_ok()
@@ -155,7 +186,8 @@ impl RabbitNode {
         self.boot();
     }
 
-    fn kill(&self) {
+    /// SIGKILL of the broker process; returns once its port is closed.
+    pub fn kill(&self) {
         if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
             let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }

@@ -1,6 +1,7 @@
 //! The worker against a real RabbitMQ (a vhost per test) and the Stripe stand-in.
 
 mod brokers;
+mod cluster;
 mod config;
 mod contract;
 mod flow;
