@@ -32,7 +32,8 @@ unit: broker tools
 	cargo test --workspace --locked -- --show-output
 
 ## The long chaos run (not part of `make test`). Size it with CHAOS_TRIPS, CHAOS_SECONDS,
-## CHAOS_KILLS, CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_STRIPE_OUTAGES, CHAOS_PODS.
+## CHAOS_KILLS, CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_STRIPE_OUTAGES, CHAOS_PODS;
+## CHAOS_CLUSTER=3 runs it on a three-node cluster (node kills instead of broker restarts).
 chaos: broker
 	cargo test --release --locked --test chaos chaos_soak -- --ignored --nocapture
 

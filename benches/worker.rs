@@ -19,7 +19,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use payment_worker::contract::CreateSession;
 use payment_worker::stripe::{CheckoutUrls, StripeApi};
-use testkit::amqp::command;
+use testkit::amqp::{Client, command};
+use testkit::cluster::RabbitCluster;
 use testkit::names::{EVENTS, WORK};
 use testkit::node::RabbitNode;
 use testkit::pod::{Pod, ready_within};
@@ -539,6 +540,8 @@ async fn main() {
             broker.push(back.elapsed().as_secs_f64() * 1000.0);
             drop(pod);
         }
+        drop(node);
+        let failover = cluster_failover(runs).await;
         println!("| measure | value |\n|---|---|");
         println!(
             "| SIGKILL of a pod to its replacement consuming | {} |",
@@ -548,11 +551,64 @@ async fn main() {
             "| broker back up (after SIGKILL and cold start) to consuming again | {} |",
             Stat::of(broker).show(" ms")
         );
+        println!(
+            "| three-node cluster, quorum profile: SIGKILL of the node in use to a command sent after it completing through another node | {} |",
+            Stat::of(failover).show(" ms")
+        );
     }
 
     if section("7") {
         flow_control(runs).await;
     }
+}
+
+/// Failover in a three-node cluster: a pod given every node consumes through one; that node
+/// is SIGKILLed; how long until a command published after the kill has its event. Returns
+/// milliseconds per run.
+async fn cluster_failover(runs: usize) -> Vec<f64> {
+    let cluster = tokio::task::block_in_place(|| RabbitCluster::start("benchcl", 3));
+    let quorum = concat!(env!("CARGO_MANIFEST_DIR"), "/topology/quorum.toml");
+    let mut failover = Vec::new();
+    for run in 0..runs {
+        let (pod, _) = start_pod(&cluster.uris(), None, 16, &["--topology", quorum]).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (_, ready) = testkit::http_get(pod.http, "/readyz").await.unwrap_or_default();
+        let in_use = cluster
+            .nodes
+            .iter()
+            .position(|n| ready.contains(&format!(":{} ", n.addr().port())))
+            .expect("/readyz names the node in use");
+        let other = &cluster.nodes[(in_use + 1) % cluster.nodes.len()];
+        let client = Client::connect(&other.uri()).await;
+        let killed = Instant::now();
+        tokio::task::block_in_place(|| cluster.nodes[in_use].kill());
+        let mut sent = 0;
+        let done = loop {
+            let trip = format!("failover-{run}-{sent}");
+            let body = command(&trip, "u", 100.0, "USD");
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.send_command(&body)).await;
+            sent += 1;
+            let got = client.channel.basic_get(EVENTS.into(), Default::default()).await;
+            if let Ok(Some(message)) = got {
+                let _ = message.delivery.acker.ack(BasicAckOptions::default()).await;
+                let event = testkit::amqp::inner(&message.delivery.data);
+                let this_run = format!("failover-{run}-");
+                if event["tripID"].as_str().is_some_and(|t| t.starts_with(&this_run)) {
+                    break killed.elapsed();
+                }
+            }
+            assert!(killed.elapsed() < Duration::from_secs(60), "no failover within 60 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        failover.push(done.as_secs_f64() * 1000.0);
+        drop(pod);
+        tokio::task::block_in_place(|| {
+            cluster.nodes[in_use].launch();
+            cluster.nodes[in_use].wait_for_port();
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    failover
 }
 
 /// 7. Flow control in front of Stripe.

@@ -8,7 +8,10 @@
 //!
 //! `chaos_bounded` runs in `make test`. `chaos_soak` is the long run (`make chaos`), sized by
 //! CHAOS_TRIPS, CHAOS_SECONDS (how long trips are published), CHAOS_KILLS,
-//! CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_STRIPE_OUTAGES and CHAOS_PODS.
+//! CHAOS_BROKER_RESTARTS, CHAOS_CUTS, CHAOS_STRIPE_OUTAGES and CHAOS_PODS. With
+//! `CHAOS_CLUSTER=3` the broker is a three-node cluster (quorum profile, a fault proxy per
+//! node, the pods given every node): a broker restart becomes a node's SIGKILL (the work
+//! queue's leader's when it can be found) or `stop_app`/`start_app`, with the others up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -23,6 +26,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use testkit::amqp::{command, inner};
+use testkit::cluster::RabbitCluster;
 use testkit::names::{EVENTS, PARKED, WAIT_QUEUES, WORK};
 use testkit::node::RabbitNode;
 use testkit::pod::Pod;
@@ -40,6 +44,8 @@ struct Params {
     cuts: usize,
     stripe_outages: usize,
     pods: usize,
+    /// Nodes of the broker: 1, or a cluster.
+    nodes: usize,
 }
 
 /// One fault the suite injects.
@@ -75,6 +81,7 @@ impl Params {
             cuts: get("CHAOS_CUTS", defaults.cuts),
             stripe_outages: get("CHAOS_STRIPE_OUTAGES", defaults.stripe_outages),
             pods: get("CHAOS_PODS", defaults.pods),
+            nodes: get("CHAOS_CLUSTER", defaults.nodes),
         }
     }
 }
@@ -89,6 +96,7 @@ async fn chaos_bounded() {
         cuts: 2,
         stripe_outages: 1,
         pods: 2,
+        nodes: 1,
     })
     .await;
 }
@@ -104,13 +112,15 @@ async fn chaos_soak() {
         cuts: 10,
         stripe_outages: 3,
         pods: 3,
+        nodes: 1,
     });
     run(params).await;
 }
 
 struct Harness {
-    node: RabbitNode,
-    proxy: FaultProxy,
+    nodes: Vec<RabbitNode>,
+    /// One fault proxy per node; the pods reach the nodes through them.
+    proxies: Vec<FaultProxy>,
     stripe: StripeStandin,
     logs: PathBuf,
     started: usize,
@@ -124,12 +134,14 @@ impl Harness {
         let log =
             std::fs::File::create(self.logs.join(format!("pod-{}.log", self.started))).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_payment-worker"));
+        let uris: Vec<String> =
+            self.proxies.iter().map(|p| format!("amqp://guest:guest@{}/%2f", p.addr())).collect();
+        command.args(["--rabbitmq-uri", &uris.join(","), "run"]);
+        if self.nodes.len() > 1 {
+            let profile = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topology/quorum.toml");
+            command.arg("--topology").arg(profile);
+        }
         command
-            .args([
-                "--rabbitmq-uri",
-                &format!("amqp://guest:guest@{}/%2f", self.proxy.addr()),
-                "run",
-            ])
             .args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &self.stripe.base_url()])
             .args([
                 "--stripe-timeout",
@@ -166,10 +178,21 @@ async fn connect(uri: &str) -> Option<Connection> {
     Connection::connect(uri, ConnectionProperties::default()).await.ok()
 }
 
+/// The first of `uris` that answers, starting after the one used last.
+async fn connect_any(uris: &[String], turn: &mut usize) -> Option<Connection> {
+    for _ in 0..uris.len() {
+        *turn = (*turn + 1) % uris.len();
+        if let Some(connection) = connect(&uris[*turn]).await {
+            return Some(connection);
+        }
+    }
+    None
+}
+
 /// Publishes the trips evenly over `duration`, straight to the node (not through the proxy),
 /// reconnecting across broker restarts; a trip counts as published once confirmed.
 async fn publish_trips(
-    uri: String,
+    uris: Vec<String>,
     trips: Vec<String>,
     duration: Duration,
     observed: Arc<Mutex<Observed>>,
@@ -177,9 +200,10 @@ async fn publish_trips(
     let gap = duration / u32::try_from(trips.len().max(1)).unwrap();
     let mut next = 0;
     let mut session = None;
+    let mut turn = 0;
     while next < trips.len() {
         if session.is_none() {
-            let Some(connection) = connect(&uri).await else {
+            let Some(connection) = connect_any(&uris, &mut turn).await else {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             };
@@ -220,9 +244,10 @@ async fn publish_trips(
 }
 
 /// Records every `session_created` event, reconnecting across broker restarts.
-async fn observe_events(uri: String, observed: Arc<Mutex<Observed>>) {
+async fn observe_events(uris: Vec<String>, observed: Arc<Mutex<Observed>>) {
+    let mut turn = 0;
     loop {
-        let Some(connection) = connect(&uri).await else {
+        let Some(connection) = connect_any(&uris, &mut turn).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -256,15 +281,23 @@ async fn observe_events(uri: String, observed: Arc<Mutex<Observed>>) {
     }
 }
 
-async fn depth(uri: &str, queue: &str) -> Option<u32> {
-    let connection = connect(uri).await?;
+async fn depth(uris: &[String], queue: &str) -> Option<u32> {
+    let connection = connect_any(uris, &mut 0).await?;
     let depth = testkit::amqp::queue_depth(&connection, queue).await;
     let _ = connection.close(200, "depth".into()).await;
     depth
 }
 
-async fn parked_trips(uri: &str) -> BTreeSet<String> {
-    let client = testkit::amqp::Client::connect(uri).await;
+async fn parked_trips(uris: &[String]) -> BTreeSet<String> {
+    let mut answering = None;
+    for uri in uris {
+        if let Some(connection) = connect(uri).await {
+            let _ = connection.close(200, "probe".into()).await;
+            answering = Some(uri);
+            break;
+        }
+    }
+    let client = testkit::amqp::Client::connect(answering.expect("a broker node answers")).await;
     let parked = client.take(PARKED, usize::MAX, Duration::from_millis(500)).await;
     parked
         .iter()
@@ -276,8 +309,15 @@ async fn run(params: Params) {
     let run_started = Instant::now();
     let logs = std::env::temp_dir().join(format!("pw-chaos-{}", std::process::id()));
     std::fs::create_dir_all(&logs).unwrap();
-    let node = RabbitNode::start("chaos");
-    let proxy = FaultProxy::start(node.addr()).await;
+    let nodes = if params.nodes > 1 {
+        tokio::task::block_in_place(|| RabbitCluster::start("chaos", params.nodes)).nodes
+    } else {
+        vec![RabbitNode::start("chaos")]
+    };
+    let mut proxies = Vec::new();
+    for node in &nodes {
+        proxies.push(FaultProxy::start(node.addr()).await);
+    }
     let stripe = StripeStandin::start().await;
     stripe.set_random_failures(RandomFailures {
         rate: 0.2,
@@ -290,7 +330,7 @@ async fn run(params: Params) {
     for trip in &doomed {
         stripe.script(trip, [Behaviour::invalid_request()]);
     }
-    let mut harness = Harness { node, proxy, stripe, logs: logs.clone(), started: 0 };
+    let mut harness = Harness { nodes, proxies, stripe, logs: logs.clone(), started: 0 };
     let mut pods = Vec::new();
     for _ in 0..params.pods {
         pods.push(harness.spawn_pod().await);
@@ -298,15 +338,15 @@ async fn run(params: Params) {
     // Let the topology settle before the broker is touched (quorum and mnesia both need it).
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let uri = harness.node.uri();
+    let uris: Vec<String> = harness.nodes.iter().map(RabbitNode::uri).collect();
     let observed = Arc::new(Mutex::new(Observed::default()));
     let publisher = tokio::spawn(publish_trips(
-        uri.clone(),
+        uris.clone(),
         trips.clone(),
         params.publish_for,
         observed.clone(),
     ));
-    let observer = tokio::spawn(observe_events(uri.clone(), observed.clone()));
+    let observer = tokio::spawn(observe_events(uris.clone(), observed.clone()));
 
     // The faults, spread over the publishing window in a shuffled order.
     let mut faults: Vec<Fault> = Vec::new();
@@ -330,7 +370,7 @@ async fn run(params: Params) {
                 let _ = testkit::eventually(Duration::from_secs(3), || async {
                     let mut waiting = 0;
                     for queue in WAIT_QUEUES {
-                        waiting += depth(&uri, queue).await.unwrap_or(0);
+                        waiting += depth(&uris, queue).await.unwrap_or(0);
                     }
                     (waiting > 0).then_some(())
                 })
@@ -355,20 +395,32 @@ async fn run(params: Params) {
                 pods.push(harness.spawn_pod().await);
             }
             Fault::BrokerKill => {
-                let node = &harness.node;
-                tokio::task::block_in_place(|| node.kill_and_restart());
+                let nodes = &harness.nodes;
+                tokio::task::block_in_place(|| {
+                    if nodes.len() == 1 {
+                        nodes[0].kill_and_restart();
+                    } else {
+                        // A node of the cluster dies (the work queue's leader if known) and
+                        // comes back a few seconds later; the others carry on.
+                        let victim = leader_of_work_queue(nodes);
+                        nodes[victim].kill();
+                        std::thread::sleep(Duration::from_secs(3));
+                        nodes[victim].launch();
+                        nodes[victim].wait_for_port();
+                    }
+                });
                 restarts += 1;
             }
             Fault::BrokerApp => {
-                let node = &harness.node;
+                let node = &harness.nodes[rand::random_range(0..harness.nodes.len())];
                 tokio::task::block_in_place(|| node.restart_app(Duration::from_secs(2)));
                 restarts += 1;
             }
-            Fault::Cut => harness.proxy.cut_all(),
+            Fault::Cut => harness.proxies.iter().for_each(FaultProxy::cut_all),
             Fault::Delay => {
-                harness.proxy.set_delay(Duration::from_millis(200));
+                harness.proxies.iter().for_each(|p| p.set_delay(Duration::from_millis(200)));
                 tokio::time::sleep(Duration::from_secs(3)).await;
-                harness.proxy.set_delay(Duration::ZERO);
+                harness.proxies.iter().for_each(|p| p.set_delay(Duration::ZERO));
             }
             Fault::StripeOutage => {
                 harness.stripe.set_outage(Some(Outage::Unavailable));
@@ -386,14 +438,14 @@ async fn run(params: Params) {
     let expected_events = trips.len() - doomed.len();
     let drained = testkit::eventually(Duration::from_secs(180), || {
         let observed = observed.clone();
-        let uri = uri.clone();
+        let uris = uris.clone();
         async move {
             let done = observed.lock().unwrap().events.len() >= expected_events;
             if !done {
                 return None;
             }
             for queue in WAIT_QUEUES.iter().chain([WORK].iter()) {
-                if depth(&uri, queue).await != Some(0) {
+                if depth(&uris, queue).await != Some(0) {
                     return None;
                 }
             }
@@ -409,7 +461,7 @@ async fn run(params: Params) {
     }
     observer.abort();
 
-    let parked = parked_trips(&uri).await;
+    let parked = parked_trips(&uris).await;
     let observed = observed.lock().unwrap();
     let created = harness.stripe.created();
     let mut sessions_per_trip: HashMap<&str, BTreeSet<&str>> = HashMap::new();
@@ -440,7 +492,7 @@ async fn run(params: Params) {
         "chaos: trips={} pods={} kills={kills} sigterms={sigterms} broker_restarts={restarts} connection_cuts={} stripe_outages={outages} stripe_sessions={} duplicate_sessions={duplicate_sessions} lost={} duplicate_events={duplicate_events} parked={} p50={:.3}s p99={:.3}s wall={:.0}s",
         trips.len(),
         params.pods,
-        harness.proxy.cuts(),
+        harness.proxies.iter().map(FaultProxy::cuts).sum::<u64>(),
         created.len(),
         lost.len(),
         parked.len(),
@@ -455,6 +507,11 @@ async fn run(params: Params) {
     assert!(inconsistent.is_empty(), "events with different session ids: {inconsistent:?}");
     assert_eq!(parked, doomed, "only the trips scripted to fail for good are parked; {log_hint}");
     let _ = std::fs::remove_dir_all(&logs);
+}
+
+/// The node leading the work queue, or a random one when no node says.
+fn leader_of_work_queue(nodes: &[RabbitNode]) -> usize {
+    testkit::cluster::leader(nodes, WORK).unwrap_or_else(|| rand::random_range(0..nodes.len()))
 }
 
 fn shuffle<T>(items: &mut [T]) {

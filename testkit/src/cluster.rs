@@ -35,24 +35,8 @@ impl RabbitCluster {
     /// # Panics
     /// When no running node reports it.
     pub fn leader_of(&self, queue: &str) -> usize {
-        for node in &self.nodes {
-            let Some(listing) = node.ctl_output(&["list_queues", "name", "leader"]) else {
-                continue;
-            };
-            let leader = listing
-                .lines()
-                .filter_map(|line| line.split_once('\t'))
-                .find(|(name, _)| *name == queue)
-                .map(|(_, leader)| leader.trim().to_owned());
-            if let Some(leader) = leader {
-                return self
-                    .nodes
-                    .iter()
-                    .position(|n| n.name() == leader)
-                    .unwrap_or_else(|| panic!("leader {leader} is not a member"));
-            }
-        }
-        panic!("no node reports the leader of {queue}");
+        leader(&self.nodes, queue)
+            .unwrap_or_else(|| panic!("no node reports the leader of {queue}"))
     }
 
     /// Kills every node at once, then starts them all again (they wait for each other).
@@ -67,4 +51,17 @@ impl RabbitCluster {
             node.wait_for_port();
         }
     }
+}
+
+/// Which of `nodes` leads quorum queue `queue` (default vhost), as the first node that answers
+/// `list_queues` reports it.
+pub fn leader(nodes: &[RabbitNode], queue: &str) -> Option<usize> {
+    nodes.iter().find_map(|node| {
+        let listing = node.ctl_output(&["list_queues", "name", "leader"])?;
+        let leader = listing.lines().find_map(|line| {
+            let (name, leader) = line.split_once('\t')?;
+            (name == queue).then(|| leader.trim().to_owned())
+        })?;
+        nodes.iter().position(|n| n.name() == leader)
+    })
 }
