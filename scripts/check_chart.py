@@ -3,6 +3,7 @@
 Usage: check_chart.py HELM CHART RENDER_DIR   (RENDER_DIR holds one render per ci/ values file)
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -35,6 +36,24 @@ def helm_template(*args):
                           capture_output=True, text=True)
 
 
+# The dashboard: valid JSON, unique panel ids, the data source a variable, $namespace and
+# $pod variables used by every query, one line of description per panel.
+DASHBOARD = json.loads((CHART / "files/dashboard.json").read_text())
+variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+check(variables.get("datasource", {}).get("type") == "datasource", "dashboard: a datasource variable")
+check({"namespace", "pod"} <= set(variables), "dashboard: $namespace and $pod variables")
+panel_ids = [p["id"] for p in DASHBOARD["panels"]]
+check(len(panel_ids) == len(set(panel_ids)), f"dashboard: duplicate panel ids in {panel_ids}")
+for panel in DASHBOARD["panels"]:
+    title = panel.get("title")
+    check(panel.get("datasource", {}).get("uid") == "${datasource}", f"dashboard: {title} uses the datasource variable")
+    description = panel.get("description", "")
+    check(description and "\n" not in description, f"dashboard: {title} has a one-line description")
+    for target in panel["targets"]:
+        check(target.get("datasource", {}).get("uid") == "${datasource}", f"dashboard: {title} query uses the datasource variable")
+        expr = target["expr"]
+        check('namespace=~"$namespace"' in expr and 'pod=~"$pod"' in expr, f"dashboard: {title}: {expr} filters by $namespace and $pod")
+
 # The routes the binary serves, read from its router.
 routes = set(re.findall(r'\.route\("([^"]+)"', (ROOT / "src/http.rs").read_text()))
 # Every setting the binary reads from the environment, wherever its clap attribute lives.
@@ -55,7 +74,8 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     docs = load(name)
     deployment = only(docs, "Deployment")
     service = only(docs, "Service")
-    configmap = only(docs, "ConfigMap")
+    settings_maps = [d for (k, n), d in docs.items() if k == "ConfigMap" and not n.endswith("-dashboard")]
+    configmap = settings_maps[0] if len(settings_maps) == 1 else None
     check(deployment and service and configmap, f"{name}: Deployment, Service and ConfigMap are rendered")
     pod = deployment["spec"]["template"]
     container = pod["spec"]["containers"][0]
@@ -168,8 +188,17 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
         ingress = only(docs, "Ingress")
         paths = [p["path"] for rule_ in ingress["spec"]["rules"] for p in rule_["http"]["paths"]]
         check(paths == ["/webhook/stripe"] and "/webhook/stripe" in routes, "the Ingress exposes only the webhook")
+        dashboards = [d for (k, n), d in docs.items() if k == "ConfigMap" and n.endswith("-dashboard")]
+        check(len(dashboards) == 1, f"{name}: the dashboard ConfigMap is rendered")
+        if dashboards:
+            board = dashboards[0]
+            check(board["metadata"]["labels"].get("grafana_dashboard") == "1",
+                  "the dashboard ConfigMap carries the Grafana sidecar's label")
+            check(json.loads(board["data"]["payment-worker.json"]) == DASHBOARD,
+                  "the dashboard ConfigMap holds files/dashboard.json")
     else:
         check(monitor is None and rule is None, f"{name}: monitoring objects are off by default")
+        check(not any(n.endswith("-dashboard") for (_, n) in docs), f"{name}: no dashboard by default")
 
 # Renders that must fail, each with a message that says why.
 for args, expected in [

@@ -35,6 +35,9 @@ impl PublishError {
         matches!(self, Self::Channel(_))
     }
 
+    /// Every value of [`PublishError::kind`].
+    pub const KINDS: [&'static str; 3] = ["nacked", "returned", "channel"];
+
     /// A bounded label for `payment_worker_publish_failures_total`.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -10,6 +10,7 @@ use prometheus::{
 };
 
 use crate::breaker::State;
+use crate::broker::PublishError;
 use crate::worker::Outcome;
 
 /// The worker's metrics and the registry that serves them.
@@ -204,6 +205,11 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION"), &crate::stripe::api_version()])
             .set(1);
+        // Every kind at zero from the start, so rate() and dashboards see the series before
+        // the first failure.
+        for kind in PublishError::KINDS {
+            metrics.publish_failures.with_label_values(&[kind]).reset();
+        }
         metrics
     }
 

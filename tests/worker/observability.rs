@@ -3,12 +3,31 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use payment_worker::webhook::sign;
 use testkit::amqp::command;
 use testkit::stripe::Behaviour;
-use testkit::{eventually, http_get};
+use testkit::{eventually, http_get, http_request};
 use tokio::io::AsyncWriteExt;
 
-use crate::helpers::{EVENTS, PARKED, World};
+use crate::helpers::{EVENTS, PARKED, World, repo_path};
+
+const WEBHOOK_SECRET: &str = "whsec_test_dashboard";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A query string value, percent-encoded.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
 
 /// Handles one success, one retried success, one parked and one deferred command.
 async fn drive_every_outcome(world: &World) {
@@ -84,7 +103,7 @@ async fn promtool_accepts_a_scrape_with_every_outcome() {
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_retry_counters() {
     let world = World::new("prometheus").await;
-    let worker = world.start_worker(&[]).await;
+    let worker = world.start_worker(&["--stripe-webhook-key", WEBHOOK_SECRET]).await;
     let dir = std::env::temp_dir().join(format!(
         "pw-prometheus-{}-{}",
         std::process::id(),
@@ -133,6 +152,45 @@ async fn a_real_prometheus_scrapes_the_retry_counters() {
     })
     .await;
     assert_eq!(retried, Some(3.0), "Prometheus shows the three retries");
+
+    // The rest of a day's work: a parked command and a webhook delivery. Then every query of
+    // the Grafana dashboard must return data.
+    world.stripe.script("p-park", [Behaviour::invalid_request()]);
+    world.client.send_command(&command("p-park", "u", 100.0, "USD")).await;
+    assert_eq!(world.client.take(PARKED, 1, Duration::from_secs(10)).await.len(), 1);
+    let event = serde_json::json!({
+        "id": "evt_dashboard", "type": "checkout.session.completed",
+        "data": {"object": {"id": "cs_test_1", "payment_status": "paid", "amount_total": 100,
+            "metadata": {"trip_id": "p-0", "user_id": "u"}}}
+    })
+    .to_string();
+    let signature = sign(WEBHOOK_SECRET, unix_now(), event.as_bytes());
+    let headers = [("Stripe-Signature", signature.as_str())];
+    let answer = http_request(worker.http, "POST", "/webhook/stripe", &headers, event.as_bytes());
+    assert_eq!(answer.await.map(|(status, _)| status), Some(200));
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("helm/payment-worker/files/dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            // As Grafana sends it with "All" selected.
+            let promql = expr
+                .replace("$namespace", ".*")
+                .replace("$pod", ".*")
+                .replace("$__rate_interval", "1m");
+            let path = format!("/api/v1/query?query={}", percent_encode(&promql));
+            let series = eventually(Duration::from_secs(20), || async {
+                let (_, body) = http_get(web, &path).await?;
+                let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+                let count = json["data"]["result"].as_array()?.len();
+                (count > 0).then_some(count)
+            })
+            .await;
+            assert!(series.is_some(), "dashboard panel {:?}: no data for {expr}", panel["title"]);
+        }
+    }
     let _ = prometheus.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
     worker.stop().await.unwrap();
