@@ -142,6 +142,22 @@ impl Client {
         body: &[u8],
         properties: BasicProperties,
     ) {
+        if let Err(e) = self.try_publish(exchange, routing_key, body, properties).await {
+            panic!("{e}");
+        }
+    }
+
+    /// Publishes and waits for the confirm; `Err` says why it was not confirmed.
+    ///
+    /// # Errors
+    /// A channel error, or a nack.
+    pub async fn try_publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), String> {
         let confirm = self
             .channel
             .basic_publish(
@@ -152,8 +168,9 @@ impl Client {
                 properties,
             )
             .await
-            .expect("publish");
-        assert!(confirm.await.expect("confirm").is_ack(), "broker refused the test message");
+            .map_err(|e| format!("publish: {e}"))?;
+        let confirmation = confirm.await.map_err(|e| format!("confirm: {e}"))?;
+        if confirmation.is_ack() { Ok(()) } else { Err("broker refused the test message".into()) }
     }
 
     /// Publishes a command to `trip` with `payment.cmd.create_session`.
@@ -166,20 +183,28 @@ impl Client {
     /// # Panics
     /// On a broker error (a missing queue, for instance).
     pub async fn get(&self, queue: &str) -> Option<Received> {
-        let message = self
-            .channel
-            .basic_get(queue.into(), BasicGetOptions::default())
-            .await
-            .expect("basic.get")?;
+        self.try_get(queue).await.expect("basic.get")
+    }
+
+    /// The same, with the broker's error.
+    ///
+    /// # Errors
+    /// A missing queue, a queue whose node is down, a closed channel.
+    pub async fn try_get(&self, queue: &str) -> Result<Option<Received>, lapin::Error> {
+        let Some(message) =
+            self.channel.basic_get(queue.into(), BasicGetOptions::default()).await?
+        else {
+            return Ok(None);
+        };
         let delivery = message.delivery;
-        delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
-        Some(Received {
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(Some(Received {
             body: delivery.data,
             properties: delivery.properties,
             exchange: delivery.exchange.to_string(),
             routing_key: delivery.routing_key.to_string(),
             at: Instant::now(),
-        })
+        }))
     }
 
     /// Takes messages from `queue` until `count` have arrived or `timeout` passes.

@@ -16,7 +16,7 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
     let node = tokio::task::block_in_place(|| RabbitNode::start_tls("tls", &pki));
     // Stripe's stand-in comes from a world; the broker is the TLS node.
     let world = World::new("tls").await;
-    let worker_args = |extra: &[&str]| world.args_on(&node.tls_uri(), extra);
+    let worker_args = |extra: &[&str]| crate::args_on(&world, &node.tls_uri(), extra);
     let (ca, other_ca) = (pki.arg("ca.pem"), pki.arg("other-ca.pem"));
     let (cert, key) = (pki.arg("client.pem"), pki.arg("client-key.pem"));
 

@@ -69,14 +69,6 @@ impl World {
         args
     }
 
-    /// The same on another broker (a node or cluster of the test's own).
-    pub fn args_on(&self, uri: &str, extra: &[&str]) -> Vec<String> {
-        let mut args = self.args(extra);
-        let at = args.iter().position(|a| a == "--rabbitmq-uri").expect("a broker URI") + 1;
-        args[at] = uri.to_owned();
-        args
-    }
-
     /// The same without a Stripe key: mock mode.
     pub fn mock_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![

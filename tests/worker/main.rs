@@ -1,7 +1,6 @@
 //! The worker against a real RabbitMQ (a vhost per test) and the Stripe stand-in.
 
 mod brokers;
-mod cluster;
 mod config;
 mod contract;
 mod flow;
@@ -13,7 +12,7 @@ mod observability;
 mod ops;
 mod recovery;
 mod retries;
-mod tls;
 mod topology;
+mod traces;
 mod untrusted;
 mod webhook;
