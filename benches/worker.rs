@@ -4,7 +4,7 @@
 //!
 //! BENCH_RUNS (default 3) sets the number of runs per figure; BENCH_N the command count of the
 //! throughput runs (default 20000); BENCH_SECTIONS which sections run (default
-//! `1,2,3,4,5,6,7`).
+//! `1,2,3,4,5,6,7,8`).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -59,6 +59,7 @@ async fn start_pod(
     stripe: Option<&StripeStandin>,
     prefetch: usize,
     extra: &[&str],
+    env: &[(&str, String)],
 ) -> (Pod, Duration) {
     let http = testkit::free_loopback_addr();
     let mut command = Command::new(WORKER);
@@ -75,7 +76,11 @@ async fn start_pod(
     if let Some(stripe) = stripe {
         command.args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &stripe.base_url()]);
     }
-    command.args(extra).stdout(Stdio::null()).stderr(Stdio::null());
+    command
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let started = Instant::now();
     let pod = Pod::start(command, http, READY_WITHIN).await;
     (pod, started.elapsed())
@@ -164,13 +169,18 @@ async fn wait_depth(uri: &str, queue: &str, n: u32, timeout: Duration) -> Instan
 
 /// Commands per second through the real worker: the work queue preloaded with `n`, then a
 /// worker started; timed from its readiness to the last event.
-async fn worker_throughput(n: usize, prefetch: usize, latency: Duration) -> (f64, (f64, f64)) {
+async fn worker_throughput(
+    n: usize,
+    prefetch: usize,
+    latency: Duration,
+    env: &[(&str, String)],
+) -> (f64, (f64, f64)) {
     let vhost = Vhost::new("bench");
     let stripe = StripeStandin::start().await;
     stripe.set_latency(latency);
     declare(&vhost.uri()).await;
     preload(&vhost.uri(), n, "w").await;
-    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), prefetch, UNPACED).await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), prefetch, UNPACED, env).await;
     let (cpu0, _, _) = usage(pod.child.id().unwrap());
     let start = Instant::now();
     let done = wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
@@ -304,7 +314,7 @@ async fn retry_comparison(n: usize) -> (f64, f64) {
         if go {
             go_style(&vhost.uri(), &stripe, n).await;
         } else {
-            let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16, UNPACED).await;
+            let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16, UNPACED, &[]).await;
             wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
             drop(pod);
         }
@@ -325,7 +335,7 @@ async fn rate_limited_goodput(n: usize, replicas: usize, limit: usize) -> (f64, 
     let start = Instant::now();
     let mut pods = Vec::new();
     for _ in 0..replicas {
-        pods.push(start_pod(&vhost.uri(), Some(&stripe), 32, &[]).await.0);
+        pods.push(start_pod(&vhost.uri(), Some(&stripe), 32, &[], &[]).await.0);
     }
     let done = wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
     let seen = stripe.seen();
@@ -342,7 +352,7 @@ async fn outage_recovery(n: usize) -> (f64, f64) {
     let stripe = StripeStandin::start().await;
     stripe.set_rate_limit(Some(100));
     declare(&vhost.uri()).await;
-    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16, &[]).await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 16, &[], &[]).await;
     stripe.set_outage(Some(Outage::Unavailable));
     let down = Instant::now();
     preload(&vhost.uri(), n, "o").await;
@@ -367,7 +377,7 @@ async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
         stripe.script(&format!("d-{i}"), std::iter::repeat_n(Behaviour::conflict(), failures));
     }
     declare(&vhost.uri()).await;
-    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 64, UNPACED).await;
+    let (pod, _) = start_pod(&vhost.uri(), Some(&stripe), 64, UNPACED, &[]).await;
     let client = testkit::amqp::Client::connect(&vhost.uri()).await;
     // Spread over 6 s, so the 1 s tier keeps working while 4 s retries wait.
     for i in 0..per_tier * 3 {
@@ -399,7 +409,7 @@ async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else is read from the command line.
     let runs = env_usize("BENCH_RUNS", 3);
-    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3,4,5,6,7".into());
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3,4,5,6,7,8".into());
     let section = |n: &str| sections.split(',').any(|s| s.trim() == n);
     let n = env_usize("BENCH_N", 20_000);
     println!("# payment-worker benchmarks\n");
@@ -423,7 +433,7 @@ async fn main() {
         for prefetch in [16, 64, 256] {
             let (mut worker, mut bare) = (Vec::new(), Vec::new());
             for _ in 0..runs {
-                let (rate, usage) = worker_throughput(n, prefetch, Duration::ZERO).await;
+                let (rate, usage) = worker_throughput(n, prefetch, Duration::ZERO, &[]).await;
                 worker.push(rate);
                 resources.push(usage);
                 bare.push(bare_throughput(n, prefetch).await);
@@ -452,7 +462,7 @@ async fn main() {
                 let mut rates = Vec::new();
                 for _ in 0..runs {
                     rates.push(
-                        worker_throughput(count, prefetch, Duration::from_millis(latency_ms))
+                        worker_throughput(count, prefetch, Duration::from_millis(latency_ms), &[])
                             .await
                             .0,
                     );
@@ -505,7 +515,7 @@ async fn main() {
         let (mut idle, mut startup) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let vhost = Vhost::new("bench-res");
-            let (pod, ready_after) = start_pod(&vhost.uri(), None, 16, &[]).await;
+            let (pod, ready_after) = start_pod(&vhost.uri(), None, 16, &[], &[]).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             idle.push(usage(pod.child.id().unwrap()).2);
             startup.push(ready_after.as_secs_f64() * 1000.0);
@@ -524,16 +534,16 @@ async fn main() {
         let (mut replace, mut broker) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let vhost = Vhost::new("bench-res");
-            let (mut pod, _) = start_pod(&vhost.uri(), None, 16, &[]).await;
+            let (mut pod, _) = start_pod(&vhost.uri(), None, 16, &[], &[]).await;
             let killed = Instant::now();
             pod.child.start_kill().unwrap();
             let _ = pod.child.wait().await;
-            let (_replacement, _) = start_pod(&vhost.uri(), None, 16, &[]).await;
+            let (_replacement, _) = start_pod(&vhost.uri(), None, 16, &[], &[]).await;
             replace.push(killed.elapsed().as_secs_f64() * 1000.0);
         }
         let node = RabbitNode::start("bench");
         for _ in 0..runs {
-            let (pod, _) = start_pod(&node.uri(), None, 16, &[]).await;
+            let (pod, _) = start_pod(&node.uri(), None, 16, &[], &[]).await;
             tokio::task::block_in_place(|| node.kill_and_restart());
             let back = Instant::now();
             assert!(ready_within(pod.http, READY_WITHIN).await, "the worker never came back");
@@ -560,6 +570,40 @@ async fn main() {
     if section("7") {
         flow_control(runs).await;
     }
+
+    // 8. What exporting spans costs.
+    if section("8") {
+        println!("\n## 8. Tracing: spans exported over OTLP/HTTP, or not (prefetch 64)\n");
+        let collector = testkit::otlp::Collector::start("127.0.0.1:0").await;
+        let exporting = [("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())];
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (rate, (cpu, _)) = worker_throughput(n, 64, Duration::ZERO, &[]).await;
+            off.push(rate);
+            off_cpu.push(cpu);
+            let (rate, (cpu, _)) = worker_throughput(n, 64, Duration::ZERO, &exporting).await;
+            on.push(rate);
+            on_cpu.push(cpu);
+        }
+        let (off, on) = (Stat::of(off), Stat::of(on));
+        println!("| spans | cmd/s | CPU seconds per 10,000 commands |\n|---|---|---|");
+        println!(
+            "| not exported (variables unset) | {} | {} |",
+            off.show(""),
+            Stat::of(off_cpu).show(" s")
+        );
+        println!(
+            "| exported to a local collector | {} | {} |",
+            on.show(""),
+            Stat::of(on_cpu).show(" s")
+        );
+        println!(
+            "\nExporting keeps {:.0}% of the throughput; the collector received {} spans.",
+            100.0 * on.median / off.median,
+            collector.spans().len()
+        );
+    }
 }
 
 /// Failover in a three-node cluster: a pod given every node consumes through one; that node
@@ -570,7 +614,7 @@ async fn cluster_failover(runs: usize) -> Vec<f64> {
     let quorum = concat!(env!("CARGO_MANIFEST_DIR"), "/topology/quorum.toml");
     let mut failover = Vec::new();
     for run in 0..runs {
-        let (pod, _) = start_pod(&cluster.uris(), None, 16, &["--topology", quorum]).await;
+        let (pod, _) = start_pod(&cluster.uris(), None, 16, &["--topology", quorum], &[]).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (_, ready) = testkit::http_get(pod.http, "/readyz").await.unwrap_or_default();
         let in_use = cluster
@@ -578,26 +622,41 @@ async fn cluster_failover(runs: usize) -> Vec<f64> {
             .iter()
             .position(|n| ready.contains(&format!(":{} ", n.addr().port())))
             .expect("/readyz names the node in use");
-        let other = &cluster.nodes[(in_use + 1) % cluster.nodes.len()];
-        let client = Client::connect(&other.uri()).await;
+        let other = cluster.nodes[(in_use + 1) % cluster.nodes.len()].uri();
+        let mut client = Client::connect(&other).await;
         let killed = Instant::now();
         tokio::task::block_in_place(|| cluster.nodes[in_use].kill());
+        let this_run = format!("failover-{run}-");
         let mut sent = 0;
         let done = loop {
-            let trip = format!("failover-{run}-{sent}");
-            let body = command(&trip, "u", 100.0, "USD");
-            let _ = tokio::time::timeout(Duration::from_secs(5), client.send_command(&body)).await;
+            assert!(killed.elapsed() < Duration::from_secs(60), "no failover within 60 s");
+            // While queues elect new leaders a publish may be refused or a channel closed:
+            // the client starts over on the surviving node.
+            if !client.channel.status().connected() {
+                client = Client::connect(&other).await;
+            }
+            let body = command(&format!("{this_run}{sent}"), "u", 100.0, "USD");
             sent += 1;
-            let got = client.channel.basic_get(EVENTS.into(), Default::default()).await;
-            if let Ok(Some(message)) = got {
+            let properties = BasicProperties::default().with_delivery_mode(2);
+            let publish = client.channel.basic_publish(
+                "trip".into(),
+                "payment.cmd.create_session".into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties,
+            );
+            if let Ok(Ok(confirm)) = tokio::time::timeout(Duration::from_secs(5), publish).await {
+                let _ = tokio::time::timeout(Duration::from_secs(5), confirm).await;
+            }
+            let got = client.channel.basic_get(EVENTS.into(), Default::default());
+            if let Ok(Ok(Some(message))) = tokio::time::timeout(Duration::from_secs(5), got).await {
                 let _ = message.delivery.acker.ack(BasicAckOptions::default()).await;
                 let event = testkit::amqp::inner(&message.delivery.data);
-                let this_run = format!("failover-{run}-");
                 if event["tripID"].as_str().is_some_and(|t| t.starts_with(&this_run)) {
                     break killed.elapsed();
                 }
+                continue;
             }
-            assert!(killed.elapsed() < Duration::from_secs(60), "no failover within 60 s");
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         failover.push(done.as_secs_f64() * 1000.0);

@@ -114,6 +114,14 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
                 check(setting.removesuffix("_FILE") not in env_names, f"{name}: {setting} and its variable are not both set")
             else:
                 check(key in {"ca.crt", "tls.crt", "tls.key"}, f"{name}: {setting} is a cert-manager key ({key})")
+    otel = {k: v for k, v in configmap["data"].items() if k.startswith("OTEL_")}
+    if name == "monitoring-values":
+        check(otel.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://otel-collector.observability:4318"
+              and otel.get("OTEL_EXPORTER_OTLP_PROTOCOL") == "http/protobuf"
+              and otel.get("OTEL_TRACES_SAMPLER_ARG") == "0.1",
+              f"{name}: tracing values become the OpenTelemetry variables: {otel}")
+    else:
+        check(not otel, f"{name}: no OpenTelemetry variables unless tracing.otlpEndpoint is set")
     if name == "files-and-tls-values":
         check(FILE_SETTINGS <= set(configmap["data"]), f"{name}: every file setting is rendered: {sorted(FILE_SETTINGS - set(configmap['data']))}")
         check(not env_names & SECRET_SETTINGS, f"{name}: no secret in the environment")

@@ -17,18 +17,23 @@ use crate::worker::ReconnectPolicy;
 /// A setting with a value the worker cannot use. Printed as `invalid SETTING (--flag): reason`,
 /// never with the value itself (it may be a secret).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {setting} (--{flag}): {reason}")]
+#[error("invalid {setting}{}: {reason}", flag.map(|f| format!(" (--{f})")).unwrap_or_default())]
 pub struct ConfigError {
     /// The environment variable.
     pub setting: &'static str,
-    /// The flag, without its dashes.
-    pub flag: &'static str,
+    /// The flag, without its dashes; `None` for a variable without one (OpenTelemetry's).
+    pub flag: Option<&'static str>,
     pub reason: String,
 }
 
 impl ConfigError {
     pub fn new(setting: &'static str, flag: &'static str, reason: impl Into<String>) -> Self {
-        Self { setting, flag, reason: reason.into() }
+        Self { setting, flag: Some(flag), reason: reason.into() }
+    }
+
+    /// A setting read only from the environment.
+    pub fn env_only(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self { setting, flag: None, reason: reason.into() }
     }
 }
 

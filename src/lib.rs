@@ -18,7 +18,9 @@
 //! - [`access`]: reaching the broker: one node or a cluster's several, TLS, the pool.
 //! - [`broker`]: confirmed, mandatory publishing.
 //! - [`headers`]: AMQP header values, whatever type a peer sent them as.
-//! - [`trace`]: W3C trace context carried from a command to the events it causes.
+//! - [`trace`]: W3C trace context carried from a command to the events it causes, and
+//!   the spans' helpers.
+//! - [`telemetry`]: logs, and OpenTelemetry spans exported with OTLP when asked for.
 //! - [`ops`]: the operator subcommands (`topology`, `parked`, `send`), a file each.
 //! - [`webhook`]: Stripe's `checkout.session.completed` into `payment.event.success`.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
@@ -43,6 +45,7 @@ pub mod ops;
 pub mod pacer;
 pub mod retry;
 pub mod stripe;
+pub mod telemetry;
 pub mod topology;
 pub mod trace;
 pub mod webhook;

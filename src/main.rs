@@ -5,20 +5,24 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use payment_worker::app::App;
-use payment_worker::cli::{Cli, Command, GlobalArgs, LogFormat};
+use payment_worker::cli::{Cli, Command, GlobalArgs};
 use payment_worker::config::RunArgs;
+use payment_worker::telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<ExitCode, Box<dyn Error>> = match cli.command {
-        Command::Run(args) => {
-            init_tracing(cli.global.log_format);
-            run(&cli.global, &args).await
-        }
+        Command::Run(args) => match Telemetry::init(cli.global.log_format) {
+            Ok(telemetry) => {
+                let result = run(&cli.global, &args).await;
+                telemetry.shutdown().await;
+                result
+            }
+            Err(e) => Err(e.into()),
+        },
         Command::Topology(command) => command.exec(&cli.global).await.map_err(Into::into),
         Command::Parked(command) => command.exec(&cli.global).await.map_err(Into::into),
         Command::Send(args) => args.exec(&cli.global).await.map_err(Into::into),
@@ -54,15 +58,4 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     };
     info!(signal = name, "stopping");
     shutdown.cancel();
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => {
-            builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init()
-        }
-        LogFormat::Text => builder.init(),
-    }
 }

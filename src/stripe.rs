@@ -27,12 +27,15 @@ use stripe_checkout::checkout_session::{
 use stripe_client_core::{StripeMethod, StripeRequest};
 use stripe_shared::CheckoutSessionMode;
 use tokio::sync::watch;
+use tracing::field::Empty;
+use tracing::{Instrument, Span, info_span};
 
 use crate::breaker::{Signal, Spread, State};
 use crate::contract::CreateSession;
 use crate::error_chain;
 use crate::flow::FlowControl;
 use crate::metrics::Metrics;
+use crate::trace;
 
 /// Stripe's own API, the default base URL.
 pub const STRIPE_API: &str = "https://api.stripe.com/";
@@ -217,10 +220,27 @@ impl Gateway {
         };
         let (api, flow) = &**stripe;
         let permit = flow.admit().await.ok_or(CallError::CircuitOpen)?;
+        let span = info_span!(
+            "stripe",
+            otel.name = "POST",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            http.request.method = "POST",
+            url.full = %api.sessions_url(),
+            http.response.status_code = Empty,
+            stripe.request_id = Empty,
+            stripe.idempotency_key = %idempotency_key(&cmd.trip_id),
+            stripe.replayed = Empty,
+            payment.failure_class = Empty,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        trace::record_ids(&span, None);
         let result = {
             let _in_flight = InFlight::start(&self.metrics);
             let started = Instant::now();
-            let result = api.create_checkout_session(cmd, urls).await;
+            let result = api.create_checkout_session(cmd, urls).instrument(span.clone()).await;
             self.metrics.stripe_duration.observe(started.elapsed().as_secs_f64());
             result
         };
@@ -230,6 +250,15 @@ impl Gateway {
             Ok(_) => "created",
             Err(e) => e.class(),
         };
+        match &result {
+            Ok(session) => {
+                span.record("stripe.replayed", session.replayed);
+            }
+            Err(e) => {
+                span.record("payment.failure_class", label);
+                trace::failed(&span, e);
+            }
+        }
         self.metrics.stripe_requests.with_label_values(&[label]).inc();
         result.map_err(|error| CallError::Stripe { error, spread })
     }
@@ -350,6 +379,11 @@ impl StripeApi {
         Ok(Self { client, base, secret, timeout })
     }
 
+    /// The Checkout Sessions endpoint (no credentials in it).
+    pub fn sessions_url(&self) -> String {
+        format!("{}v1/checkout/sessions", self.base)
+    }
+
     /// `POST /v1/checkout/sessions` with the trip's idempotency key.
     ///
     /// # Errors
@@ -386,6 +420,11 @@ impl StripeApi {
             let header = |name: &str| {
                 response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
             };
+            let span = Span::current();
+            span.record("http.response.status_code", status);
+            if let Some(request_id) = header("request-id") {
+                span.record("stripe.request_id", request_id.as_str());
+            }
             let should_retry = header("stripe-should-retry").and_then(|v| v.parse().ok());
             let replayed = header("idempotent-replayed").is_some_and(|v| v == "true");
             // Seconds only: Stripe does not send the HTTP-date form.

@@ -16,22 +16,27 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::access::Pool;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
+use lapin::types::FieldTable;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::sync::Mutex as AsyncMutex;
-use tracing::{error, info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, error, info, info_span, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::access::Pool;
 use crate::broker::{PublishError, Publisher, persistent_json};
 use crate::contract::{Envelope, PaymentSucceeded};
+use crate::headers::long_string;
 use crate::metrics::Metrics;
 use crate::topology::Topology;
+use crate::trace;
 
 /// The longest `Stripe-Signature` header read (Stripe's are a few hundred bytes).
 const MAX_SIGNATURE_HEADER: usize = 4096;
@@ -255,13 +260,15 @@ impl Webhook {
             );
             return Reply::Duplicate;
         }
-        self.publish_success(&paid).await
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        self.publish_success(&paid, traceparent).await
     }
 
     /// Publishes `payment.event.success` and remembers the event id once the broker confirmed.
-    async fn publish_success(&self, paid: &PaidSession) -> Reply {
+    async fn publish_success(&self, paid: &PaidSession, traceparent: Option<&str>) -> Reply {
         let (event_id, success) = (&paid.event_id, &paid.success);
-        let published = tokio::time::timeout(PUBLISH_TIMEOUT, self.publish(event_id, success))
+        let publish = self.publish(event_id, success, traceparent);
+        let published = tokio::time::timeout(PUBLISH_TIMEOUT, publish)
             .await
             .unwrap_or(Err(NotPublished::Timeout(PUBLISH_TIMEOUT)));
         match published {
@@ -296,16 +303,28 @@ impl Webhook {
 
     /// Publishes `payment.event.success` for `event_id` unless it was published recently;
     /// `Ok(false)` when it was.
+    /// The event carries the request's trace: the producer span's context when spans are
+    /// exported, else the request's `traceparent` continued.
     async fn publish(
         &self,
         event_id: &str,
         success: &PaymentSucceeded,
+        traceparent: Option<&str>,
     ) -> Result<bool, NotPublished> {
         let body = Envelope::encode(&success.user_id, success);
         let mut properties = persistent_json();
         if !event_id.is_empty() {
             properties = properties.with_message_id(event_id.into());
         }
+        if let Some(child) = traceparent.and_then(trace::continue_trace) {
+            let mut headers = FieldTable::default();
+            headers.insert("traceparent".into(), long_string(&child));
+            properties = properties.with_headers(headers);
+        }
+        let (exchange, routing_key) =
+            (&self.topology.exchanges.trip, &self.topology.routing_keys.payment_success);
+        let span = trace::producer_span(exchange, routing_key, "event");
+        let properties = span.in_scope(|| trace::stamp(properties));
         // The lock serialises publishes, so a concurrent delivery of the same event waits here
         // and then finds its id among the recent ones.
         let mut slot = self.publisher.lock().await;
@@ -318,14 +337,11 @@ impl Webhook {
         }
         let publisher = slot.as_ref().expect("just opened");
         let result = publisher
-            .publish(
-                &self.topology.exchanges.trip,
-                &self.topology.routing_keys.payment_success,
-                &body,
-                properties,
-            )
+            .publish(exchange, routing_key, &body, properties)
+            .instrument(span.clone())
             .await;
         if let Err(e) = &result {
+            trace::failed(&span, e);
             self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
             if e.is_channel_failure() {
                 *slot = None;
@@ -350,12 +366,36 @@ pub async fn endpoint(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> (StatusCode, &'static str) {
+    let span = info_span!(
+        "webhook",
+        otel.name = "POST /webhook/stripe",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        http.request.method = "POST",
+        http.route = "/webhook/stripe",
+        http.response.status_code = Empty,
+        webhook.result = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(&headers))
+    });
+    let _ = span.set_parent(parent);
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    trace::record_ids(&span, traceparent);
     let reply = match body {
-        Ok(body) => webhook.handle(&headers, &body).await,
+        Ok(body) => webhook.handle(&headers, &body).instrument(span.clone()).await,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Reply::TooLarge,
         Err(_) => Reply::Unreadable,
     };
     webhook.metrics.webhook_requests.with_label_values(&[reply.as_str()]).inc();
+    span.record("http.response.status_code", reply.status().as_u16());
+    span.record("webhook.result", reply.as_str());
+    if reply.status().is_server_error() {
+        trace::failed(&span, &reply.as_str());
+    }
     (reply.status(), reply.body())
 }
 

@@ -33,7 +33,8 @@ use lapin::{BasicProperties, Channel, Connection, Consumer};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 
 use crate::breaker::{Signal, State};
 use crate::broker::{PublishError, Publisher, persistent_json};
@@ -636,15 +637,39 @@ impl Handler {
             Ok(command) => command.trip_id.clone(),
             Err(_) => CreateSession::trip_id_hint(&delivery.data).unwrap_or_default(),
         };
+        let queue = &self.topology.work_queue.name;
         let span = info_span!(
             "command",
+            otel.name = %format_args!("process {queue}"),
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue,
+            messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+            messaging.message.id = Empty,
+            payment.attempt = attempt,
+            payment.outcome = Empty,
+            payment.park_reason = Empty,
+            trip.id = %trip_id,
             trip_id = %trip_id,
             attempt,
             delivery_tag = delivery.delivery_tag,
+            trace_id = Empty,
+            span_id = Empty,
         );
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("messaging.message.id", id.as_str());
+        }
+        trace::continue_from(&span, &delivery.properties);
 
+        let outcome_span = span.clone();
         async {
             let failure = self.attempt(&origin, command, &delivery.properties).await.err();
+            if let Some(failure) = &failure {
+                trace::failed(&outcome_span, &failure.detail);
+            }
             let attempted = FailedAttempt {
                 origin: &origin,
                 state: &state,
@@ -654,6 +679,10 @@ impl Handler {
                 error: "",
             };
             let outcome = self.conclude(&delivery, attempted, failure).await;
+            outcome_span.record("payment.outcome", outcome.as_str());
+            if let Outcome::Parked(reason) = outcome {
+                outcome_span.record("payment.park_reason", reason.as_str());
+            }
             self.settle(&delivery, outcome).await;
             self.metrics.record_outcome(outcome, attempt, self.topology.max_attempts());
             self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
@@ -748,7 +777,9 @@ impl Handler {
             incoming,
         );
         let routing_key = &self.topology.routing_keys.session_created;
-        match self.publish(&self.topology.exchanges.trip, routing_key, &body, properties).await {
+        let exchange = &self.topology.exchanges.trip;
+        let span = trace::producer_span(exchange, routing_key, "event");
+        match self.publish(exchange, routing_key, &body, properties, span).await {
             Ok(()) => {
                 info!(
                     outcome = "succeeded",
@@ -801,8 +832,12 @@ impl Handler {
                 Class::DeferRefused,
             ),
         };
+        let span = trace::producer_span(exchange, routing_key, copy_name(outcome));
+        if let Outcome::Parked(reason) = outcome {
+            span.record("payment.park_reason", reason.as_str());
+        }
         let mut published =
-            self.publish(exchange, routing_key, &delivery.data, properties.clone()).await;
+            self.publish(exchange, routing_key, &delivery.data, properties.clone(), span).await;
         if let (Action::Retry(delay), Err(PublishError::Returned { .. })) = (action, &published) {
             published = self.redeclare_and_retry(delay, &delivery.data, properties).await;
         }
@@ -865,7 +900,9 @@ impl Handler {
         if let Err(e) = self.topology.declare_wait_queue(self.publisher.channel(), delay).await {
             warn!(queue = %queue, error = %e, "declaring the wait queue again failed");
         }
-        self.publish(&self.topology.retry.exchange, delay.label(), body, properties).await
+        let exchange = &self.topology.retry.exchange;
+        let span = trace::producer_span(exchange, delay.label(), "retry");
+        self.publish(exchange, delay.label(), body, properties, span).await
     }
 
     /// Acks once the replacement is confirmed, or hands the message back.
@@ -885,23 +922,40 @@ impl Handler {
         }
     }
 
-    /// Publishes on the connection's confirm channel. A failure is counted; a broken channel
-    /// also ends the connection, since nothing more can be published or acked on it.
+    /// Publishes on the connection's confirm channel, inside `span` (a producer span whose
+    /// trace context the message carries). A failure is counted; a broken channel also ends
+    /// the connection, since nothing more can be published or acked on it.
     async fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
         properties: BasicProperties,
+        span: Span,
     ) -> Result<(), PublishError> {
-        let result = self.publisher.publish(exchange, routing_key, body, properties).await;
+        let properties = span.in_scope(|| trace::stamp(properties));
+        let result = self
+            .publisher
+            .publish(exchange, routing_key, body, properties)
+            .instrument(span.clone())
+            .await;
         if let Err(e) = &result {
+            trace::failed(&span, e);
             self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
             if e.is_channel_failure() {
                 self.connection_failed.cancel();
             }
         }
         result
+    }
+}
+
+/// What a replacement copy is, in a producer span.
+fn copy_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Retried => "retry",
+        Outcome::Parked(_) => "parked",
+        _ => "deferred",
     }
 }
 

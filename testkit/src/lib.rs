@@ -8,6 +8,7 @@
 //! - [`amqp`]: publishing commands and reading queues the way the trip system would.
 //! - [`node`]: a RabbitMQ node of a test's own, to stop and kill freely.
 //! - [`cluster::RabbitCluster`]: three such nodes joined into a cluster.
+//! - [`otlp::Collector`]: an OTLP/HTTP collector decoding spans with the official protobufs.
 //! - [`proxy::FaultProxy`]: a TCP proxy that cuts and delays connections.
 //! - [`pod::Pod`]: the worker binary as a child process, ready when `/readyz` says so.
 //! - [`cli`]: the operator commands, run as an operator would.
@@ -23,6 +24,7 @@ pub mod cluster;
 pub mod gopeer;
 pub mod names;
 pub mod node;
+pub mod otlp;
 pub mod pod;
 pub mod proxy;
 pub mod stats;
