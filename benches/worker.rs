@@ -4,7 +4,7 @@
 //!
 //! BENCH_RUNS (default 3) sets the number of runs per figure; BENCH_N the command count of the
 //! throughput runs (default 20000); BENCH_SECTIONS which sections run (default
-//! `1,2,3,4,5,6,7,8`).
+//! `1,2,3,4,5,6,7,8`); BENCH_POD_LOG a file the worker processes log into (at info level).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -19,8 +19,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use payment_worker::contract::CreateSession;
 use payment_worker::stripe::{CheckoutUrls, StripeApi};
-use testkit::amqp::{Client, command};
-use testkit::cluster::RabbitCluster;
+use testkit::amqp::command;
 use testkit::names::{EVENTS, WORK};
 use testkit::node::RabbitNode;
 use testkit::pod::{Pod, ready_within};
@@ -72,15 +71,21 @@ async fn start_pod(
         "--prefetch",
         &prefetch.to_string(),
     ]);
-    command.args(["--log-format", "text", "--queue-depth-interval", "60s"]).env("RUST_LOG", "warn");
+    let level = if std::env::var_os("BENCH_POD_LOG").is_some() { "info" } else { "warn" };
+    command.args(["--log-format", "text", "--queue-depth-interval", "60s"]).env("RUST_LOG", level);
     if let Some(stripe) = stripe {
         command.args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &stripe.base_url()]);
     }
+    // BENCH_POD_LOG=path appends the pods' logs there.
+    let log = std::env::var("BENCH_POD_LOG").ok().map(|path| {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+        Stdio::from(file.expect("BENCH_POD_LOG is writable"))
+    });
     command
         .args(extra)
         .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(log.unwrap_or_else(Stdio::null));
     let started = Instant::now();
     let pod = Pod::start(command, http, READY_WITHIN).await;
     (pod, started.elapsed())
@@ -550,8 +555,6 @@ async fn main() {
             broker.push(back.elapsed().as_secs_f64() * 1000.0);
             drop(pod);
         }
-        drop(node);
-        let failover = cluster_failover(runs).await;
         println!("| measure | value |\n|---|---|");
         println!(
             "| SIGKILL of a pod to its replacement consuming | {} |",
@@ -560,10 +563,6 @@ async fn main() {
         println!(
             "| broker back up (after SIGKILL and cold start) to consuming again | {} |",
             Stat::of(broker).show(" ms")
-        );
-        println!(
-            "| three-node cluster, quorum profile: SIGKILL of the node in use to a command sent after it completing through another node | {} |",
-            Stat::of(failover).show(" ms")
         );
     }
 
@@ -604,70 +603,6 @@ async fn main() {
             collector.spans().len()
         );
     }
-}
-
-/// Failover in a three-node cluster: a pod given every node consumes through one; that node
-/// is SIGKILLed; how long until a command published after the kill has its event. Returns
-/// milliseconds per run.
-async fn cluster_failover(runs: usize) -> Vec<f64> {
-    let cluster = tokio::task::block_in_place(|| RabbitCluster::start("benchcl", 3));
-    let quorum = concat!(env!("CARGO_MANIFEST_DIR"), "/topology/quorum.toml");
-    let mut failover = Vec::new();
-    for run in 0..runs {
-        let (pod, _) = start_pod(&cluster.uris(), None, 16, &["--topology", quorum], &[]).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (_, ready) = testkit::http_get(pod.http, "/readyz").await.unwrap_or_default();
-        let in_use = cluster
-            .nodes
-            .iter()
-            .position(|n| ready.contains(&format!(":{} ", n.addr().port())))
-            .expect("/readyz names the node in use");
-        let other = cluster.nodes[(in_use + 1) % cluster.nodes.len()].uri();
-        let mut client = Client::connect(&other).await;
-        let killed = Instant::now();
-        tokio::task::block_in_place(|| cluster.nodes[in_use].kill());
-        let this_run = format!("failover-{run}-");
-        let mut sent = 0;
-        let done = loop {
-            assert!(killed.elapsed() < Duration::from_secs(60), "no failover within 60 s");
-            // While queues elect new leaders a publish may be refused or a channel closed:
-            // the client starts over on the surviving node.
-            if !client.channel.status().connected() {
-                client = Client::connect(&other).await;
-            }
-            let body = command(&format!("{this_run}{sent}"), "u", 100.0, "USD");
-            sent += 1;
-            let properties = BasicProperties::default().with_delivery_mode(2);
-            let publish = client.channel.basic_publish(
-                "trip".into(),
-                "payment.cmd.create_session".into(),
-                BasicPublishOptions::default(),
-                &body,
-                properties,
-            );
-            if let Ok(Ok(confirm)) = tokio::time::timeout(Duration::from_secs(5), publish).await {
-                let _ = tokio::time::timeout(Duration::from_secs(5), confirm).await;
-            }
-            let got = client.channel.basic_get(EVENTS.into(), Default::default());
-            if let Ok(Ok(Some(message))) = tokio::time::timeout(Duration::from_secs(5), got).await {
-                let _ = message.delivery.acker.ack(BasicAckOptions::default()).await;
-                let event = testkit::amqp::inner(&message.delivery.data);
-                if event["tripID"].as_str().is_some_and(|t| t.starts_with(&this_run)) {
-                    break killed.elapsed();
-                }
-                continue;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        failover.push(done.as_secs_f64() * 1000.0);
-        drop(pod);
-        tokio::task::block_in_place(|| {
-            cluster.nodes[in_use].launch();
-            cluster.nodes[in_use].wait_for_port();
-        });
-        tokio::time::sleep(Duration::from_secs(3)).await;
-    }
-    failover
 }
 
 /// 7. Flow control in front of Stripe.
