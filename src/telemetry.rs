@@ -92,11 +92,6 @@ impl Telemetry {
         Ok(Self { provider })
     }
 
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Sends the spans still batched; a graceful stop calls it last.
     pub async fn shutdown(self) {
         if let Some(provider) = self.provider {
