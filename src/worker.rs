@@ -48,6 +48,9 @@ use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError};
 use crate::topology::{Delay, Topology, TopologyError};
 use crate::trace;
 
+/// How long a stop or a lost session waits for the broker to answer a cancel or a close.
+const BROKER_REPLY_ON_STOP: Duration = Duration::from_secs(5);
+
 /// How often a broker that did not answer is probed (a TCP connect) between reconnects.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -292,10 +295,11 @@ impl Worker {
         match cause {
             None => {
                 if let Intake::Consuming(consumer) = &intake {
-                    let _ = opened
-                        .channel
-                        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                        .await;
+                    // A broker that does not answer must not hold up the stop: the close below
+                    // cancels the consumer anyway.
+                    let cancel =
+                        opened.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                    let _ = tokio::time::timeout(BROKER_REPLY_ON_STOP, cancel).await;
                 }
                 self.drain(&mut tasks).await;
                 close(&connection).await;
@@ -578,9 +582,12 @@ impl Tasks {
     }
 }
 
+/// Closes the connection, waiting at most [`BROKER_REPLY_ON_STOP`] for the broker's word;
+/// dropping it then closes the socket, which hands back whatever was unacked all the same.
 async fn close(connection: &Connection) {
     if connection.status().connected() {
-        let _ = connection.close(200, "payment-worker connection ended".into()).await;
+        let close = connection.close(200, "payment-worker connection ended".into());
+        let _ = tokio::time::timeout(BROKER_REPLY_ON_STOP, close).await;
     }
 }
 

@@ -176,6 +176,7 @@ async fn a_cluster_node_killed_under_load_then_a_whole_cluster_restart_lose_noth
         assert_eq!(client.depth(queue).await, 0, "{queue} is empty");
     }
     for worker in workers {
-        worker.stop().await.unwrap();
+        let stopped = tokio::time::timeout(Duration::from_secs(60), worker.stop()).await;
+        assert!(matches!(stopped, Ok(Ok(()))), "a worker stops within its grace: {stopped:?}");
     }
 }
