@@ -91,8 +91,7 @@ pub fn failed(span: &Span, reason: &dyn std::fmt::Display) {
 
 /// The trace id of a valid version-00 `traceparent`.
 fn trace_id(traceparent: &str) -> Option<&str> {
-    continue_trace(traceparent)?;
-    traceparent.trim().split('-').nth(1)
+    parse(traceparent).map(|(trace, _)| trace)
 }
 
 /// Reads W3C headers out of an AMQP header table.
@@ -145,6 +144,18 @@ pub fn continued(incoming: &BasicProperties) -> Option<FieldTable> {
 /// A `traceparent` for a child span of `parent`: same trace id and flags, a new span id.
 /// `None` when `parent` is not a valid version-00 traceparent.
 pub fn continue_trace(parent: &str) -> Option<String> {
+    let (trace, flags) = parse(parent)?;
+    let child = loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            break id;
+        }
+    };
+    Some(format!("00-{trace}-{child:016x}-{flags}"))
+}
+
+/// The trace id and flags of a valid version-00 `traceparent`.
+fn parse(parent: &str) -> Option<(&str, &str)> {
     let parts: Vec<&str> = parent.trim().split('-').collect();
     let hex = |s: &str, len: usize| {
         s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
@@ -159,13 +170,7 @@ pub fn continue_trace(parent: &str) -> Option<String> {
                 && trace.bytes().any(|b| b != b'0')
                 && span.bytes().any(|b| b != b'0') =>
         {
-            let child = loop {
-                let id: u64 = rand::random();
-                if id != 0 {
-                    break id;
-                }
-            };
-            Some(format!("00-{trace}-{child:016x}-{flags}"))
+            Some((trace, flags))
         }
         _ => None,
     }
