@@ -2,16 +2,18 @@
 //! `replay`, `purge`) and [`send`]. Each owns its arguments, its run and its output; this
 //! module holds what they share.
 //!
-//! All of them are safe against production: `topology check` and `parked list` change
-//! nothing; `parked replay` publishes each copy with confirms before removing the parked one
-//! (an interruption at worst leaves a message in both places, and idempotency by trip makes a
-//! double replay harmless); `parked purge` needs `--yes`.
+//! All of them are safe against production: `topology check` changes nothing and `parked list`
+//! leaves the parking queue as it was (see [`parked::walk_parked`]); `parked replay` publishes
+//! each copy with confirms before removing the parked one (an interruption at worst leaves a
+//! message in both places, and idempotency by trip makes a double replay harmless); `parked
+//! purge` needs `--yes`. Every wait on the broker is bounded by [`BROKER_WAIT`].
 
 pub mod parked;
 pub mod send;
 pub mod topology;
 
 use std::io::Write as _;
+use std::time::Duration;
 
 use lapin::{Channel, Connection};
 use serde::Serialize;
@@ -37,8 +39,38 @@ pub enum OpsError {
     NoSelection,
     #[error("replaying to {queue}: {source}; the message stays parked")]
     Replay { queue: String, source: PublishError },
+    #[error("keeping a message in {queue}: {source}; it stays parked as it was")]
+    Keep { queue: String, source: PublishError },
     #[error("sending trip {trip}: {source}")]
     Send { trip: String, source: PublishError },
+    /// The broker did not answer within [`BROKER_WAIT`].
+    #[error("no answer from the broker within {} s while {what}", BROKER_WAIT.as_secs())]
+    TimedOut { what: String },
+}
+
+/// How long an operator command waits for any one answer of the broker (a channel, a read, a
+/// confirm, a close) before it gives up and says what it waited for.
+pub const BROKER_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits at most [`BROKER_WAIT`] for `operation`; a time-out names `what`.
+///
+/// # Errors
+/// [`OpsError::TimedOut`].
+pub async fn within<F: Future>(what: &str, operation: F) -> Result<F::Output, OpsError> {
+    tokio::time::timeout(BROKER_WAIT, operation)
+        .await
+        .map_err(|_| OpsError::TimedOut { what: what.to_owned() })
+}
+
+/// A broker operation bounded by [`BROKER_WAIT`], its error explained by [`describe`].
+///
+/// # Errors
+/// The broker's refusal or a time-out, both naming `what`.
+pub async fn bounded<T>(
+    what: &str,
+    operation: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, OpsError> {
+    within(what, operation).await?.map_err(|e| describe(&e, what))
 }
 
 /// Explains a broker error in an operator's words.
@@ -69,11 +101,13 @@ pub async fn connect(global: &GlobalArgs) -> Result<BrokerConnection, OpsError> 
 }
 
 async fn channel(connection: &Connection) -> Result<Channel, OpsError> {
-    connection.create_channel().await.map_err(|e| describe(&e, "opening a channel"))
+    bounded("opening a channel", connection.create_channel()).await
 }
 
+/// Closes the connection, waiting at most [`BROKER_WAIT`] for the broker's answer: what the
+/// command did is done by then, and dropping the connection ends it all the same.
 async fn close(connection: BrokerConnection) {
-    let _ = connection.close(200, "done".into()).await;
+    let _ = within("closing the connection", connection.close(200, "done".into())).await;
 }
 
 /// Prints `value` as one JSON line.

@@ -8,13 +8,13 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use super::{OpsError, channel, close, connect, describe, print_json};
+use super::{OpsError, bounded, channel, close, connect, print_json, within};
 use crate::broker::Publisher;
 use crate::cli::GlobalArgs;
 use crate::contract::{CreateSession, Envelope};
 use crate::headers;
 use crate::retry::{self, RetryState};
-use crate::topology::Topology;
+use crate::topology::{QueueType, Topology};
 
 #[derive(Subcommand)]
 pub enum ParkedCommand {
@@ -242,14 +242,23 @@ fn printable(text: &str) -> String {
     out
 }
 
-/// Walks the parking queue once: every message is fetched without auto-ack; those the filter
-/// and action take are replayed or purged (replayed copies are confirmed before the parked one
-/// is acked); all others are handed back at the end, which puts them back in their places.
-/// `report` is called with each taken message.
+/// Walks the parking queue once: every message present at the start is fetched without
+/// auto-ack; those the filter and action take are replayed or purged (a replayed copy is
+/// confirmed before the parked one is acked). `report` is called with each taken message.
+///
+/// The others are kept in a way that spends no delivery count, where the queue keeps one: a
+/// classic queue gets them back with one `basic.nack(multiple, requeue)` on the last tag
+/// not settled (never on a tag already acked, which would close the channel), which puts them
+/// back in their places. A quorum queue counts every such return against its delivery limit
+/// (RabbitMQ 4.0–4.2 by default, any version under a `delivery-limit` policy) and drops or
+/// dead-letters a message past it, so there each kept message is published again to the
+/// parking queue, confirmed, and only then acked: the walk goes through every message, so
+/// the order is kept, and every copy starts with a count of zero.
 ///
 /// # Errors
-/// When the broker is unreachable, the queue missing, or a publish not confirmed (the messages
-/// not yet handled stay parked).
+/// When the broker is unreachable, the queue missing, a publish not confirmed, or an answer
+/// does not come within [`BROKER_WAIT`](super::BROKER_WAIT) (the messages not yet handled
+/// stay parked).
 pub async fn walk_parked(
     connection: &Connection,
     topology: &Topology,
@@ -261,52 +270,58 @@ pub async fn walk_parked(
     let queue = &topology.parking.queue;
     let channel = channel(connection).await?;
     let present = parked_count(&channel, queue).await?;
-    let publisher = match (action, dry_run) {
-        (Action::Replay, false) => Some(
-            Publisher::open(connection)
-                .await
-                .map_err(|e| describe(&e, "opening a publish channel"))?,
-        ),
-        _ => None,
+    let rotate = topology.parking.queue_type == QueueType::Quorum;
+    let publisher = if rotate || (action == Action::Replay && !dry_run) {
+        Some(bounded("opening a publish channel", Publisher::open(connection)).await?)
+    } else {
+        None
     };
     let mut taken = 0;
-    let mut last_tag = None;
+    // The last delivery tag fetched and not settled: what one nack at the end hands back.
+    let mut unsettled = None;
+    let reading = format!("reading {queue}");
     // Only the messages present at the start: a message put back is never read twice.
     for _ in 0..present {
-        if filter.limit.is_some_and(|limit| taken >= limit) {
+        let full = filter.limit.is_some_and(|limit| taken >= limit);
+        if full && !rotate {
             break;
         }
-        let Some(message) = channel
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-            .await
-            .map_err(|e| describe(&e, &format!("reading {queue}")))?
-        else {
-            break;
-        };
+        let got = bounded(
+            &reading,
+            channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }),
+        )
+        .await?;
+        let Some(message) = got else { break };
         let delivery = message.delivery;
-        last_tag = Some(delivery.delivery_tag);
         let entry = ParkedEntry::from_message(&delivery.data, &delivery.properties);
-        if action != Action::List && !filter.matches(&entry) {
-            continue;
-        }
-        taken += 1;
-        if action != Action::List && !dry_run {
-            if let Some(publisher) = &publisher {
+        let take = !full && (action == Action::List || filter.matches(&entry));
+        let settle = if take && action != Action::List && !dry_run {
+            if let Some(publisher) = publisher.as_ref().filter(|_| action == Action::Replay) {
                 replay(publisher, topology, &delivery).await?;
             }
-            delivery
-                .acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(|e| describe(&e, "removing the parked copy"))?;
+            true
+        } else if let Some(publisher) = publisher.as_ref().filter(|_| rotate) {
+            keep(publisher, queue, &delivery).await?;
+            true
+        } else {
+            unsettled = Some(delivery.delivery_tag);
+            false
+        };
+        if settle {
+            let what = if take { "removing the parked copy" } else { "removing the kept copy" };
+            bounded(what, delivery.acker.ack(BasicAckOptions::default())).await?;
         }
-        report(&entry);
+        if take {
+            taken += 1;
+            report(&entry);
+        }
     }
-    if let Some(tag) = last_tag {
-        // Hands back every message not acked above, in its original place.
-        let _ = channel.basic_nack(tag, BasicNackOptions { multiple: true, requeue: true }).await;
+    if let Some(tag) = unsettled {
+        // Hands back every message fetched and not settled above, in its original place.
+        let hand_back = BasicNackOptions { multiple: true, requeue: true };
+        bounded("handing back the messages not taken", channel.basic_nack(tag, hand_back)).await?;
     }
-    let _ = channel.close(200, "done".into()).await;
+    let _ = within("closing the channel", channel.close(200, "done".into())).await;
     Ok(Walked { taken, present: present as usize })
 }
 
@@ -320,11 +335,8 @@ pub struct Walked {
 /// How many messages the parking queue holds (a passive declaration, which changes nothing).
 async fn parked_count(channel: &Channel, queue: &str) -> Result<u32, OpsError> {
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    let declared = channel
-        .queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .map_err(|e| describe(&e, &format!("queue {queue}")))?;
-    Ok(declared.message_count())
+    let declare = channel.queue_declare(queue.into(), passive, FieldTable::default());
+    Ok(bounded(&format!("queue {queue}"), declare).await?.message_count())
 }
 
 /// Publishes a parked message back to the work queue and waits for the broker's confirm.
@@ -334,10 +346,23 @@ async fn replay(
     parked: &lapin::message::Delivery,
 ) -> Result<(), OpsError> {
     let queue = &topology.work_queue.name;
-    publisher
-        .publish("", queue, &parked.data, replay_properties(&parked.properties))
-        .await
+    let publish = publisher.publish("", queue, &parked.data, replay_properties(&parked.properties));
+    within(&format!("confirming the replayed copy in {queue}"), publish)
+        .await?
         .map_err(|source| OpsError::Replay { queue: queue.clone(), source })
+}
+
+/// Publishes a parked message again, unchanged, to the back of the parking queue and waits
+/// for the broker's confirm: a copy whose delivery count starts at zero.
+async fn keep(
+    publisher: &Publisher,
+    queue: &str,
+    parked: &lapin::message::Delivery,
+) -> Result<(), OpsError> {
+    let publish = publisher.publish("", queue, &parked.data, parked.properties.clone());
+    within(&format!("confirming the kept copy in {queue}"), publish)
+        .await?
+        .map_err(|source| OpsError::Keep { queue: queue.to_owned(), source })
 }
 
 /// The properties of a replayed copy: the original's, with the retry bookkeeping removed (the

@@ -6,7 +6,7 @@ use clap::Args;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde::Serialize;
 
-use super::{OpsError, close, connect, describe, print_json};
+use super::{OpsError, bounded, close, connect, print_json, within};
 use crate::broker::{Publisher, persistent_json};
 use crate::cli::GlobalArgs;
 use crate::contract::Envelope;
@@ -43,14 +43,14 @@ impl SendArgs {
         let topology = global.load_topology()?;
         let connection = connect(global).await?;
         let sent = async {
-            let publisher = Publisher::open(&connection)
-                .await
-                .map_err(|e| describe(&e, "opening a publish channel"))?;
+            let publisher =
+                bounded("opening a publish channel", Publisher::open(&connection)).await?;
             let exchange = &topology.exchanges.trip;
             let routing_key = &topology.routing_keys.create_session;
-            publisher
-                .publish(exchange, routing_key, &self.body(), self.properties())
-                .await
+            let body = self.body();
+            let publish = publisher.publish(exchange, routing_key, &body, self.properties());
+            within(&format!("publishing trip {}", self.trip_id), publish)
+                .await?
                 .map_err(|source| OpsError::Send { trip: self.trip_id.clone(), source })
         }
         .await;

@@ -10,7 +10,7 @@ use lapin::types::FieldTable;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{OpsError, channel, close, connect, describe, print_json};
+use super::{OpsError, channel, close, connect, describe, print_json, within};
 use crate::cli::GlobalArgs;
 use crate::topology::Topology;
 
@@ -216,30 +216,36 @@ pub async fn check(
                 FieldTable::default(),
             )
         };
-        let probe = declare(ExchangeDeclareOptions { passive: true, ..Default::default() }).await;
+        let what = format!("checking {object}");
+        let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+        let probe = within(&what, declare(passive)).await?;
         if let Some(missing) = absent(probe, &object)? {
             lines.push(missing);
             continue;
         }
-        let result = declare(ExchangeDeclareOptions { durable: true, ..Default::default() }).await;
+        let active = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let result = within(&what, declare(active)).await?;
         lines.push(verdict(object, result.err(), format!("{} durable", exchange.kind))?);
-        let _ = channel.close(200, "checked".into()).await;
+        let _ = within(&what, channel.close(200, "checked".into())).await;
     }
     for queue in &plan.queues {
         let object = format!("queue {}", queue.name);
         let channel = channel(connection).await?;
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let what = format!("checking {object}");
+        let name = queue.name.as_str();
         let probe =
-            channel.queue_declare(queue.name.as_str().into(), passive, FieldTable::default()).await;
+            within(&what, channel.queue_declare(name.into(), passive, FieldTable::default()))
+                .await?;
         if let Some(missing) = absent(probe.map(|_| ()), &object)? {
             lines.push(missing);
             continue;
         }
         let active = QueueDeclareOptions { durable: true, ..Default::default() };
         let result =
-            channel.queue_declare(queue.name.as_str().into(), active, queue.field_table()).await;
+            within(&what, channel.queue_declare(name.into(), active, queue.field_table())).await?;
         lines.push(verdict(object, result.err(), queue.describe_arguments())?);
-        let _ = channel.close(200, "checked".into()).await;
+        let _ = within(&what, channel.close(200, "checked".into())).await;
     }
     for binding in &plan.bindings {
         lines.push(CheckLine {

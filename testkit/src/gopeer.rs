@@ -99,6 +99,9 @@ pub fn binary() -> &'static Path {
     })
 }
 
+/// How long the Go peer may take beyond what it is asked to wait for.
+const PEER_WITHIN: Duration = Duration::from_secs(60);
+
 /// Publishes `commands` as trip-service does; returns how Go decoded each payload.
 ///
 /// # Panics
@@ -120,7 +123,10 @@ pub async fn trip_service(uri: &str, commands: &[GoCommand]) -> Vec<GoDecoded> {
     }
     stdin.write_all(&lines).await.expect("write to gopeer");
     drop(stdin);
-    let output = child.wait_with_output().await.expect("gopeer trip-service");
+    let output = tokio::time::timeout(PEER_WITHIN, child.wait_with_output())
+        .await
+        .expect("gopeer trip-service did not end within PEER_WITHIN")
+        .expect("gopeer trip-service");
     decode_lines(&output)
 }
 
@@ -133,8 +139,10 @@ pub async fn api_gateway(uri: &str, queue: &str, count: usize, timeout: Duration
         .args(["api-gateway", "-uri", uri, "-queue", queue])
         .args(["-n", &count.to_string(), "-timeout", &format!("{}ms", timeout.as_millis())])
         .kill_on_drop(true)
-        .output()
+        .output();
+    let output = tokio::time::timeout(timeout + PEER_WITHIN, output)
         .await
+        .expect("gopeer api-gateway did not end within its timeout and PEER_WITHIN")
         .expect("gopeer api-gateway");
     decode_lines(&output)
 }

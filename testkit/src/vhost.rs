@@ -50,14 +50,26 @@ impl Drop for Vhost {
 /// # Panics
 /// When it fails.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
+    broker_tool("rabbitmqctl", args)
+}
+
+/// Runs `rabbitmq-diagnostics` quietly.
+///
+/// # Panics
+/// When it fails.
+pub fn rabbitmq_diagnostics(args: &[&str]) -> String {
+    broker_tool("rabbitmq-diagnostics", args)
+}
+
+fn broker_tool(tool: &str, args: &[&str]) -> String {
+    let output = Command::new(tool)
         .args(args)
         .arg("-q")
         .output()
-        .expect("rabbitmqctl must be installed to run the tests");
+        .unwrap_or_else(|e| panic!("{tool} must be installed to run the tests: {e}"));
     assert!(
         output.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
+        "{tool} {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()

@@ -3,13 +3,14 @@
 use std::process::Command;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_payment-worker"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_payment-worker"));
+    command
         .args(args)
         .env_remove("STRIPE_SECRET_KEY")
         .envs([("HTTP_ADDR", "127.0.0.1:0"), ("RECONNECT_MAX_ATTEMPTS", "1")])
-        .envs(env.iter().copied())
-        .output()
-        .expect("run the binary");
+        .envs(env.iter().copied());
+    let what = format!("payment-worker {} with {env:?}", args.join(" "));
+    let output = testkit::cli::output_within(command, testkit::cli::CLI_WITHIN, &what);
     (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
 

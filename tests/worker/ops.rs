@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, PARKED, WORK, World};
+use crate::helpers::{EVENTS, PARKED, WORK, World, repo_path};
 
 /// Runs the binary against the world's vhost: `(exit code, stdout, stderr)`.
 async fn cli(world: &World, args: &[&str]) -> (i32, String, String) {
@@ -323,4 +323,103 @@ async fn check_without_configure_permission_says_so() {
     assert_ne!(code, 0);
     assert!(stderr.contains("permission refused"), "{out}{stderr}");
     assert!(!out.contains("differs"), "a refused permission is not a difference: {out}");
+}
+
+/// Parks `trips` directly (as a worker would have), in this order.
+async fn park_directly(world: &World, trips: &[&str]) {
+    for trip in trips {
+        let body = command(trip, "u", 100.0, "USD");
+        world
+            .client
+            .publish("", PARKED, &body, &[("payment-park-reason", "retries_exhausted")])
+            .await;
+    }
+}
+
+/// The trip ids in the parking queue, in order, emptying it.
+async fn parked_trips(world: &World) -> Vec<String> {
+    let all = world.client.take(PARKED, usize::MAX, Duration::from_millis(500)).await;
+    all.iter().map(|m| inner(&m.body)["tripID"].as_str().unwrap().to_owned()).collect()
+}
+
+/// The broker's log lines about this vhost that say a channel was closed for settling a
+/// delivery tag it did not know.
+fn unknown_tag_errors(world: &World) -> Vec<String> {
+    let location = testkit::vhost::rabbitmq_diagnostics(&["log_location"]);
+    let path = location.lines().next().expect("the broker's log file").trim().to_owned();
+    let log = std::fs::read_to_string(&path).unwrap_or_default();
+    // "Channel error on connection … vhost: 'NAME' …", then "… unknown delivery tag N".
+    let vhost = format!("vhost: '{}'", world.vhost.name());
+    let lines: Vec<&str> = log.lines().collect();
+    lines
+        .windows(2)
+        .filter(|w| w[0].contains(&vhost) && w[1].contains("unknown delivery tag"))
+        .map(|w| w[1].to_owned())
+        .collect()
+}
+
+/// A replay that takes the last message of the queue hands back only what it did not take:
+/// no tag is settled twice, so the broker never closes the channel under the command (which
+/// could leave it waiting for ever).
+#[tokio::test]
+async fn a_replay_settles_each_delivery_tag_once() {
+    let world = World::new("ops-tags").await;
+    world.start_worker(&[]).await.stop().await.unwrap();
+    park_directly(&world, &["t-1", "t-2", "t-3"]).await;
+    let (code, out, stderr) = cli(&world, &["parked", "replay", "--trip", "t-3"]).await;
+    assert_eq!(code, 0, "{out}{stderr}");
+    let (code, _, stderr) = cli(&world, &["parked", "replay", "--all", "--limit", "1"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(world.client.depth(WORK).await, 2, "t-3 and t-1 replayed");
+    assert_eq!(parked_trips(&world).await, ["t-2"]);
+    let errors = unknown_tag_errors(&world);
+    assert!(errors.is_empty(), "the broker closed a channel: {errors:?}");
+}
+
+/// On a quorum parking queue every message handed back counts against a delivery limit
+/// (RabbitMQ 4.0–4.2 counts `basic.nack(requeue)`, and applies a limit of 20); looking at
+/// parked payments, however often, must never make the broker drop them. The limit is set
+/// low here with a policy, as an operator (or RabbitMQ 4's default) would.
+#[tokio::test]
+async fn browsing_a_quorum_parking_queue_spends_no_delivery_count() {
+    let world = World::new("ops-quorum-browse").await;
+    let profile = repo_path("topology/quorum.toml");
+    let profile = profile.to_str().unwrap();
+    world.start_worker(&["--topology", profile]).await.stop().await.unwrap();
+    testkit::vhost::rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        world.vhost.name(),
+        "--apply-to",
+        "queues",
+        "parked-limit",
+        "^payment_parked$",
+        r#"{"delivery-limit": 3}"#,
+    ]);
+    let trips = ["b-1", "b-2", "b-3", "b-4", "b-5"];
+    park_directly(&world, &trips).await;
+    let quorum = |args: &[&str]| {
+        let mut all = vec!["--topology", profile];
+        all.extend_from_slice(args);
+        all.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    for round in 0..5 {
+        for args in [
+            quorum(&["parked", "list"]),
+            quorum(&["parked", "list", "--limit", "2"]),
+            quorum(&["parked", "replay", "--all", "--dry-run"]),
+            quorum(&["parked", "purge", "--reason", "retries_exhausted"]),
+        ] {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (code, _, stderr) = cli(&world, &args).await;
+            assert_eq!(code, 0, "round {round}, {args:?}: {stderr}");
+        }
+        assert_eq!(world.client.depth(PARKED).await, 5, "round {round}: a parked payment dropped");
+    }
+    let args = quorum(&["parked", "replay", "--trip", "b-4"]);
+    let (code, _, stderr) = cli(&world, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(world.client.depth(WORK).await, 1, "b-4 replayed");
+    assert_eq!(parked_trips(&world).await, ["b-1", "b-2", "b-3", "b-5"], "the order is kept");
+    assert!(unknown_tag_errors(&world).is_empty());
 }
