@@ -282,8 +282,9 @@ pub fn idempotency_key(trip_id: &str) -> String {
     format!("payment-worker:checkout-session:{trip_id}")
 }
 
-/// The Checkout Session parameters for a command. Deterministic: the same command always gives
-/// the same parameters, which Stripe's idempotency check requires.
+/// The Checkout Session parameters for a command: the same command always gives the same
+/// parameters, which Stripe's idempotency check requires (the same bytes once
+/// [`metadata_in_order`] has ordered the metadata).
 pub fn checkout_params(cmd: &CreateSession, urls: &CheckoutUrls) -> CreateCheckoutSession {
     let mut price = CreateCheckoutSessionLineItemsPriceData::new(cmd.currency.stripe().clone());
     price.product_data = Some(ProductData::new(LINE_ITEM_NAME));
@@ -309,6 +310,32 @@ pub fn checkout_params(cmd: &CreateSession, urls: &CheckoutUrls) -> CreateChecko
         .cancel_url(urls.cancel.clone())
         .client_reference_id(cmd.trip_id.clone())
         .metadata(metadata)
+}
+
+/// The form body with its `metadata[…]` fields in the order of their names. async-stripe
+/// keeps metadata in a `HashMap`, whose order differs from one process to the next; Stripe
+/// compares a retried request's parameters with the first one's, so every replica must send
+/// the same bytes for the same trip. The fields of one map are written next to each other,
+/// so sorting them in place changes nothing else.
+pub fn metadata_in_order(form: &str) -> String {
+    fn is_metadata(field: &&str) -> bool {
+        field.starts_with("metadata[") || field.starts_with("metadata%5B")
+    }
+    let mut fields: Vec<&str> = form.split('&').collect();
+    let Some(first) = fields.iter().position(is_metadata) else { return form.to_owned() };
+    let count = fields[first..].iter().take_while(|f| is_metadata(f)).count();
+    fields[first..first + count].sort_unstable();
+    fields.join("&")
+}
+
+/// Whether `id` looks like a Checkout Session id (`cs_test_…`, `cs_live_…`): `cs_`, then
+/// ASCII letters, digits and `_`, at most 255 bytes in all. The rider is sent a URL built from
+/// it, so an empty, binary or otherwise strange id is a broken answer, never passed on.
+pub fn is_session_id(id: &str) -> bool {
+    id.len() <= 255
+        && id.strip_prefix("cs_").is_some_and(|rest| {
+            !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
 }
 
 /// A Stripe API base URL that cannot be used, and why.
@@ -396,6 +423,7 @@ impl StripeApi {
         let request = checkout_params(cmd, urls).build();
         debug_assert!(matches!(request.method, StripeMethod::Post));
         let uri = format!("{}v1{}", self.base, request.path);
+        let form = metadata_in_order(&request.body.unwrap_or_default());
         let mut authorization =
             HeaderValue::try_from(format!("Bearer {}", self.secret.expose_secret())).map_err(
                 |_| StripeError::Transport("STRIPE_SECRET_KEY is not a valid header value".into()),
@@ -407,7 +435,7 @@ impl StripeApi {
             .header("Stripe-Version", api_version())
             .header("Idempotency-Key", idempotency_key(&cmd.trip_id))
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(request.body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(form)))
             .map_err(|e| StripeError::Transport(e.to_string()))?;
 
         let exchange = async {
@@ -447,6 +475,12 @@ impl StripeApi {
         if (200..300).contains(&status) {
             let session: SessionObject = serde_json::from_slice(&body)
                 .map_err(|e| StripeError::BadResponse(format!("session object: {e}")))?;
+            if !is_session_id(&session.id) {
+                let shown: String = session.id.chars().take(80).collect();
+                return Err(StripeError::BadResponse(format!(
+                    "the session id {shown:?} is not a Checkout Session id"
+                )));
+            }
             return Ok(Session { id: session.id, replayed });
         }
         let detail = serde_json::from_slice::<ErrorBody>(&body).ok().map(|b| b.error);
@@ -532,6 +566,46 @@ mod tests {
         call.abort();
         assert!(call.await.unwrap_err().is_cancelled());
         assert_eq!(metrics.stripe_in_flight.get(), 0, "the guard counted the call out");
+    }
+
+    #[test]
+    fn only_a_checkout_session_id_is_a_session_id() {
+        for id in ["cs_test_a1B2", "cs_live_b1Z9_x", "cs_test_standin_000001_0a1b2c3d"] {
+            assert!(is_session_id(id), "{id}");
+        }
+        let long = format!("cs_{}", "a".repeat(253));
+        for id in [
+            "",
+            "cs_",
+            "cs_test_\u{7}",
+            "cs_test_a b",
+            "cs_test_é",
+            "pi_123",
+            "cs_test/../x",
+            &long,
+        ] {
+            assert!(!is_session_id(id), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn the_same_command_gives_the_same_form_bytes() {
+        let payload = serde_json::json!({"tripID": "t-1", "userID": "u-1", "driverID": "d-1",
+            "amount": 1234, "currency": "USD", "packageSlug": "sedan"});
+        let cmd =
+            CreateSession::decode(&crate::contract::Envelope::encode("u-1", &payload)).unwrap();
+        let urls = CheckoutUrls { success: "https://a/s".into(), cancel: "https://a/c".into() };
+        let form = |_| metadata_in_order(&checkout_params(&cmd, &urls).build().body.unwrap());
+        let first = form(0);
+        assert!(
+            first.contains("metadata[driver_id]=d-1&metadata[package_slug]=sedan&metadata[trip_id]=t-1&metadata[user_id]=u-1")
+                || first.contains("metadata%5Bdriver_id%5D=d-1&metadata%5Bpackage_slug%5D=sedan&metadata%5Btrip_id%5D=t-1&metadata%5Buser_id%5D=u-1"),
+            "{first}"
+        );
+        // Every HashMap has a seed of its own, so unordered metadata would differ here.
+        for attempt in 1..64 {
+            assert_eq!(form(attempt), first, "attempt {attempt}");
+        }
     }
 
     #[test]

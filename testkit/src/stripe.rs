@@ -37,6 +37,9 @@ pub enum Behaviour {
     /// Create and save the session, then answer only after this long (the client has
     /// usually given up by then: the session exists, the answer is lost).
     Slow(Duration),
+    /// Answer 200 with a session object whose `id` is this (a broken or hostile Stripe);
+    /// nothing is created or saved.
+    Answer(&'static str),
 }
 
 impl Behaviour {
@@ -352,6 +355,10 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
             }
             record(status, false);
             Ok(json(status, body, false, should_retry))
+        }
+        Behaviour::Answer(id) => {
+            record(200, false);
+            Ok(json(200, session_body(id, &params), false, None))
         }
         Behaviour::Succeed | Behaviour::Slow(_) => {
             let body = {

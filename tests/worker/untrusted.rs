@@ -157,3 +157,32 @@ async fn a_command_with_the_publishers_user_id_is_retried_and_parked_like_any_ot
     drop(publisher);
     worker.stop().await.unwrap();
 }
+
+/// A 200 from "Stripe" whose session id is empty, binary or not a session's is a broken
+/// answer: parked `stripe_bad_response` after that one call, never sent to the rider.
+#[tokio::test]
+async fn a_session_id_that_is_not_one_is_parked_not_published() {
+    let world = World::new("bad-session-id").await;
+    let worker = world.start_worker(&[]).await;
+    let broken = [("s-empty", ""), ("s-control", "cs_test_\u{7}\n"), ("s-other", "pi_3Abc")];
+    for (trip, id) in broken {
+        world.stripe.script(trip, [Behaviour::Answer(id)]);
+        world.client.send_command(&command(trip, "u", 100.0, "USD")).await;
+    }
+    world.client.send_command(&command("s-fine", "u", 100.0, "USD")).await;
+    let parked = world.client.take(PARKED, 3, Duration::from_secs(10)).await;
+    assert_eq!(parked.len(), 3);
+    for message in &parked {
+        let trip = inner(&message.body)["tripID"].as_str().unwrap().to_owned();
+        assert_eq!(
+            message.header_string("payment-park-reason").as_deref(),
+            Some("stripe_bad_response"),
+            "{trip}"
+        );
+        assert_eq!(world.stripe.seen_for(&trip).len(), 1, "{trip}: one call, no retry");
+    }
+    let events = world.client.take(EVENTS, 2, Duration::from_secs(3)).await;
+    assert_eq!(events.len(), 1, "only the good session is published");
+    assert_eq!(inner(&events[0].body)["tripID"], "s-fine");
+    worker.stop().await.unwrap();
+}
