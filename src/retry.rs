@@ -177,10 +177,18 @@ impl FailedAttempt<'_> {
     }
 
     /// Properties for the copy of `original` that goes back to the work queue without an
-    /// attempt spent: the attempt count travels unchanged, the deferral count goes up, and the
-    /// retry tier is dropped (this copy did not wait in a wait queue).
+    /// attempt spent: the attempt count and first failure time travel unchanged (the worker's
+    /// own, from [`FailedAttempt::state`], never a publisher's header of the same name), the
+    /// deferral count goes up, and the retry tier is dropped (this copy did not wait in a wait
+    /// queue).
     pub fn deferred_properties(&self, original: &BasicProperties) -> BasicProperties {
-        let mut headers = carried_headers(original, &[RETRY_TIER, RETRY_PUBLISHED_AT]);
+        let own = [RETRY_TIER, RETRY_PUBLISHED_AT, ATTEMPT, FIRST_FAILURE_AT];
+        let mut headers = carried_headers(original, &own);
+        headers.insert(ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.state.attempts)));
+        if let Some(first_failure) = self.state.first_failure_at {
+            let first_failure = AMQPValue::LongLongInt(ms_i64(first_failure));
+            headers.insert(FIRST_FAILURE_AT.into(), first_failure);
+        }
         let first_seen = self.state.first_seen_at.unwrap_or(self.started_ms);
         headers.insert(FIRST_SEEN_AT.into(), AMQPValue::LongLongInt(ms_i64(first_seen)));
         let deferrals = i64::from(self.state.deferrals.saturating_add(1));
@@ -394,6 +402,22 @@ mod tests {
         assert_eq!(deferred.expiration(), &None);
         let twice = failed(&origin, &again, 3, 60, "429").deferred_properties(&deferred);
         assert_eq!(RetryState::from_properties(&twice).deferrals, 2);
+    }
+
+    #[test]
+    fn a_deferred_copy_writes_the_workers_own_attempt_not_the_publishers() {
+        let mut forged = FieldTable::default();
+        forged.insert(ATTEMPT.into(), AMQPValue::LongLongInt(3));
+        forged.insert(FIRST_FAILURE_AT.into(), AMQPValue::LongLongInt(1));
+        forged.insert(DEFERRALS.into(), AMQPValue::LongLongInt(7));
+        let published = original().with_headers(forged);
+        // The trust rule gave this delivery a fresh state: it came from the trip exchange.
+        let (origin, fresh) = (origin(), RetryState::default());
+        let deferred = failed(&origin, &fresh, 1, 10, "429").deferred_properties(&published);
+        let state = RetryState::from_properties(&deferred);
+        assert_eq!(state.attempts, 0, "every command starts at attempt 1");
+        assert_eq!(state.first_failure_at, None);
+        assert_eq!(state.deferrals, 1);
     }
 
     #[test]

@@ -186,3 +186,27 @@ async fn a_session_id_that_is_not_one_is_parked_not_published() {
     assert_eq!(inner(&events[0].body)["tripID"], "s-fine");
     worker.stop().await.unwrap();
 }
+
+/// A publisher's `payment-attempt` does not survive a deferral: the deferred copy carries the
+/// worker's own count, so the command still gets its whole schedule.
+#[tokio::test]
+async fn a_deferral_writes_the_workers_own_attempt_count() {
+    let world = World::new("forged-deferral").await;
+    let worker = world.start_worker(&[]).await;
+    let trip = "fd-1";
+    let conflict = Behaviour::conflict;
+    world.stripe.script(
+        trip,
+        [Behaviour::rate_limited(), conflict(), conflict(), conflict(), Behaviour::Succeed],
+    );
+    let body = command(trip, "u", 100.0, "USD");
+    world
+        .client
+        .publish_headers("trip", "payment.cmd.create_session", &body, forged(3, 1, false))
+        .await;
+    let events = world.client.take(EVENTS, 1, Duration::from_secs(30)).await;
+    let parked = world.client.depth(PARKED).await;
+    assert_eq!(events.len(), 1, "the schedule was cut short: {parked} parked");
+    assert_eq!(world.stripe.seen_for(trip).len(), 5, "a 429, three 409s, then the session");
+    worker.stop().await.unwrap();
+}
