@@ -209,7 +209,7 @@ fn read_file(
     path: &Path,
     (setting, flag): (&'static str, &'static str),
 ) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| {
+    crate::read_setting_file(path).map_err(|e| {
         ConfigError::new(setting, flag, format!("cannot read {}: {e}", path.display()))
     })
 }

@@ -66,3 +66,37 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// The most a file named by a setting may hold (a secret, a PEM bundle, a topology profile).
+pub const MAX_SETTING_FILE: u64 = 1024 * 1024;
+
+/// Reads a file a setting names, if it is a regular file of at most [`MAX_SETTING_FILE`]
+/// bytes. Anything else (a FIFO, which would block the start until someone writes to it; a
+/// device; a directory) is refused before it is opened.
+///
+/// # Errors
+/// The file is missing, unreadable, not a regular file, or too large.
+pub fn read_setting_file(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read as _};
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = std::fs::metadata(path)?.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(Error::new(ErrorKind::InvalidInput, format!("{what}, not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(MAX_SETTING_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_SETTING_FILE {
+        let limit = MAX_SETTING_FILE / 1024;
+        return Err(Error::new(ErrorKind::InvalidData, format!("larger than {limit} KiB")));
+    }
+    Ok(bytes)
+}

@@ -179,8 +179,11 @@ impl Topology {
             None => (DEFAULT_PROFILE.to_owned(), "(built-in default)".to_owned()),
             Some(path) => {
                 let name = path.display().to_string();
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| TopologyError::Read { path: name.clone(), source })?;
+                let read = |source| TopologyError::Read { path: name.clone(), source };
+                let bytes = crate::read_setting_file(path).map_err(read)?;
+                let text = String::from_utf8(bytes).map_err(|_| {
+                    read(std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+                })?;
                 (text, name)
             }
         };

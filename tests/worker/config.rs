@@ -79,3 +79,33 @@ fn broker_and_secret_files_fail_fast_and_name_the_setting() {
     assert!(stderr.contains("RABBITMQ_URI_FILE"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A FIFO (or anything but a regular file) in a file setting would block the start until
+/// someone writes to it; it is refused at once, naming the setting, and so is a huge file.
+#[test]
+fn file_settings_take_only_regular_files_of_bounded_size() {
+    let dir = std::env::temp_dir().join(format!("pw-config-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let huge = dir.join("huge.pem");
+    std::fs::write(&huge, vec![b'a'; 2 * 1024 * 1024]).unwrap();
+    let (fifo, huge, dir_path) =
+        (fifo.to_str().unwrap(), huge.to_str().unwrap(), dir.to_str().unwrap());
+    for setting in [
+        "RABBITMQ_URI_FILE",
+        "RABBITMQ_TLS_CA_FILE",
+        "STRIPE_SECRET_KEY_FILE",
+        "STRIPE_WEBHOOK_KEY_FILE",
+        "PAYMENT_TOPOLOGY",
+    ] {
+        for (path, says) in [(fifo, "a FIFO"), (huge, "larger than"), (dir_path, "a directory")] {
+            let (code, stderr) = run(&["run"], &[(setting, path)]);
+            assert_ne!(code, Some(0), "{setting}={path} accepted");
+            let named = stderr.contains(setting) || stderr.contains(path);
+            assert!(named && stderr.contains(says), "{setting}={path}: {stderr}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
