@@ -182,6 +182,11 @@ impl BrokerAccess {
         Err(ConnectError { failures, answered })
     }
 
+    /// How many nodes the URIs name.
+    pub fn node_count(&self) -> usize {
+        self.inner.nodes.len()
+    }
+
     /// Whether some node accepts a TCP connection within `timeout`: a cheap probe of a broker
     /// that is down, before a full handshake.
     pub async fn probe(&self, timeout: Duration) -> bool {

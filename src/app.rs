@@ -18,7 +18,7 @@ use crate::health::Readiness;
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
 use crate::stripe::{Gateway, StripeApi};
-use crate::topology::Topology;
+use crate::topology::{QueueType, Topology};
 use crate::webhook::{Webhook, WebhookSettings};
 use crate::worker::{Worker, WorkerError, WorkerSettings};
 
@@ -91,6 +91,16 @@ impl App {
             );
         }
         info!(broker = %broker.describe(), profile = %topology.profile, http_addr = %args.http_addr, "starting");
+        if broker.node_count() > 1 && topology.work_queue.queue_type == QueueType::Classic {
+            warn!(
+                nodes = broker.node_count(),
+                profile = %topology.profile,
+                "several broker nodes with classic queues: a classic queue lives on one node, \
+                 and while that node is down every node refuses it (NOT_FOUND, home node down), \
+                 so payments stop until it returns. For failover use quorum queues: \
+                 PAYMENT_TOPOLOGY=topology/quorum.toml on a fresh cluster"
+            );
+        }
         let settings = WorkerSettings {
             prefetch: args.prefetch,
             shutdown_grace: args.shutdown_grace,

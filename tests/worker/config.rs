@@ -109,3 +109,21 @@ fn file_settings_take_only_regular_files_of_bounded_size() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Several nodes with the classic profile have no failover; the worker says so at start and
+/// points at the quorum profile.
+#[test]
+fn several_nodes_with_classic_queues_warn_at_start() {
+    let nodes = format!(
+        "amqp://guest:guest@{}/%2f,amqp://guest:guest@{}/%2f",
+        testkit::free_loopback_addr(),
+        testkit::free_loopback_addr()
+    );
+    let (_, stderr) = run(&["run"], &[("RABBITMQ_URI", &nodes)]);
+    assert!(stderr.contains("topology/quorum.toml") && stderr.contains("classic"), "{stderr}");
+    let (_, stderr) = run(&["run"], &[("RABBITMQ_URI", nodes.split(',').next().unwrap())]);
+    assert!(!stderr.contains("topology/quorum.toml"), "one node, no warning: {stderr}");
+    let quorum = format!("{}/topology/quorum.toml", env!("CARGO_MANIFEST_DIR"));
+    let (_, stderr) = run(&["run"], &[("RABBITMQ_URI", &nodes), ("PAYMENT_TOPOLOGY", &quorum)]);
+    assert!(!stderr.contains("topology/quorum.toml"), "quorum, no warning: {stderr}");
+}
