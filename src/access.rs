@@ -18,6 +18,7 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::error_chain;
 
@@ -187,14 +188,23 @@ impl BrokerAccess {
         self.inner.nodes.len()
     }
 
-    /// Whether some node accepts a TCP connection within `timeout`: a cheap probe of a broker
-    /// that is down, before a full handshake.
+    /// Whether some node answers like a broker within `timeout`: a cheap probe of a broker
+    /// that is down, before a full handshake. The probe connects, sends the AMQP protocol
+    /// header and waits for any reply (a broker answers with `connection.start`, a TLS port
+    /// with an alert). An address that accepts the connection and says nothing (a load
+    /// balancer whose backends are down, a hung node) has not answered: a TCP accept alone
+    /// never ends the backoff.
     pub async fn probe(&self, timeout: Duration) -> bool {
         for node in &self.inner.nodes {
             let host = node.uri.authority.host.as_str();
             let port = node.uri.authority.port;
-            let connect = tokio::net::TcpStream::connect((host, port));
-            if matches!(tokio::time::timeout(timeout, connect).await, Ok(Ok(_))) {
+            let answers = async {
+                let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+                stream.write_all(AMQP_PROTOCOL_HEADER).await.ok()?;
+                let mut reply = [0_u8; 1];
+                (stream.read(&mut reply).await.ok()? > 0).then_some(())
+            };
+            if matches!(tokio::time::timeout(timeout, answers).await, Ok(Some(()))) {
                 return true;
             }
         }
@@ -242,6 +252,9 @@ impl managed::Manager for Connector {
         }
     }
 }
+
+/// What an AMQP 0-9-1 client sends first.
+const AMQP_PROTOCOL_HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
 
 /// A TCP-level failure: nothing answered at that address.
 fn is_unreachable(error: &lapin::Error) -> bool {

@@ -51,7 +51,7 @@ use crate::trace;
 /// How long a stop or a lost session waits for the broker to answer a cancel or a close.
 const BROKER_REPLY_ON_STOP: Duration = Duration::from_secs(5);
 
-/// How often a broker that did not answer is probed (a TCP connect) between reconnects.
+/// How often a broker that did not answer is probed ([`BrokerAccess::probe`]) between reconnects.
 const PROBE_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long a requeued command is held before it goes back, so that a broker refusing every
@@ -218,7 +218,7 @@ impl Worker {
     }
 
     /// Waits `delay` before the next connection. When the broker did not answer at all,
-    /// a TCP connect to its nodes every [`PROBE_INTERVAL`] ends the wait as soon as one
+    /// a probe of its nodes every [`PROBE_INTERVAL`] ends the wait as soon as one
     /// answers: the worker is back within a fraction of a second of the broker, and a broker
     /// that answers but refuses (credentials, TLS, topology) is not hammered with handshakes.
     async fn wait_to_reconnect(&self, delay: Duration, answered: bool) {

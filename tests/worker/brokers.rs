@@ -79,3 +79,35 @@ async fn secrets_are_read_from_files() {
     worker.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A node that accepts TCP and never speaks AMQP has not answered: the worker waits out its
+/// backoff between attempts (and so spends its reconnect budget at the pace it logs) instead
+/// of taking the accept for the broker's return.
+#[tokio::test]
+async fn a_silent_node_does_not_cut_the_backoff_short() {
+    let world = World::new("silent-backoff").await;
+    let (silent, _task) = silent_node().await;
+    let uri = format!("amqp://guest:guest@{silent}/{}", world.vhost.name());
+    let started = Instant::now();
+    let worker = world
+        .spawn_worker(&[
+            "--rabbitmq-uri",
+            &uri,
+            "--rabbitmq-connect-timeout",
+            "200ms",
+            "--reconnect-min-delay",
+            "1s",
+            "--reconnect-max-delay",
+            "1s",
+            "--reconnect-max-attempts",
+            "3",
+        ])
+        .await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), worker.join()).await;
+    let elapsed = started.elapsed();
+    let Ok(Err(error)) = ended else { panic!("the worker did not give up within 30 s") };
+    assert!(error.to_string().contains("3"), "{error}");
+    // Three attempts of 0.2 s with two delays of at least 1 s between them (the third
+    // failure ends the budget), not three back to back.
+    assert!(elapsed >= Duration::from_millis(2_400), "gave up after {elapsed:?}");
+}
