@@ -142,7 +142,7 @@ impl GlobalArgs {
             (Some(cert), Some(key)) => {
                 let cert_setting = ("RABBITMQ_TLS_CERT_FILE", "rabbitmq-tls-cert-file");
                 let certificate = read_file(cert, cert_setting)?;
-                certificates(&certificate, cert_setting)?;
+                client_certificate(&certificate, cert_setting)?;
                 let key_setting = ("RABBITMQ_TLS_KEY_FILE", "rabbitmq-tls-key-file");
                 let key = read_file(key, key_setting)?;
                 PrivateKeyDer::from_pem_slice(&key).map_err(|_| {
@@ -214,16 +214,37 @@ fn read_file(
     })
 }
 
-/// Checks that `pem` holds at least one certificate and nothing unreadable.
-fn certificates(
+/// Checks that `pem` holds a client certificate rustls will present: the first certificate
+/// must be one webpki reads, an X.509 v3 certificate. `openssl x509 -req` without `-extfile`
+/// issues v1 ones, which would otherwise fail every handshake with a message that seems to
+/// blame the broker's certificate.
+fn client_certificate(
     pem: &[u8],
     (setting, flag): (&'static str, &'static str),
 ) -> Result<(), ConfigError> {
+    let first = certificates(pem, (setting, flag))?.swap_remove(0);
+    match webpki::EndEntityCert::try_from(&first) {
+        Ok(_) => Ok(()),
+        Err(webpki::Error::UnsupportedCertVersion) => Err(ConfigError::new(
+            setting,
+            flag,
+            "an X.509 v1 certificate; TLS takes only v3. Re-issue it with extensions, e.g. \
+             `openssl x509 -req … -extfile <(printf 'extendedKeyUsage=clientAuth')`",
+        )),
+        Err(e) => Err(ConfigError::new(setting, flag, format!("not a usable certificate: {e}"))),
+    }
+}
+
+/// Checks that `pem` holds at least one certificate and nothing unreadable; returns them.
+fn certificates(
+    pem: &[u8],
+    (setting, flag): (&'static str, &'static str),
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let certificates = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ConfigError::new(setting, flag, format!("not a PEM file: {e}")))?;
     if certificates.is_empty() {
         return Err(ConfigError::new(setting, flag, "no PEM certificate in it"));
     }
-    Ok(())
+    Ok(certificates)
 }

@@ -127,3 +127,58 @@ fn several_nodes_with_classic_queues_warn_at_start() {
     let (_, stderr) = run(&["run"], &[("RABBITMQ_URI", &nodes), ("PAYMENT_TOPOLOGY", &quorum)]);
     assert!(!stderr.contains("topology/quorum.toml"), "quorum, no warning: {stderr}");
 }
+
+/// A client certificate issued as many tutorials do (`openssl x509 -req` without
+/// extensions) is X.509 v1, which TLS refuses; the start fails naming the setting and how to
+/// re-issue it, instead of failing every handshake as if the broker's certificate were wrong.
+#[test]
+fn a_v1_client_certificate_is_refused_at_start_saying_how_to_reissue_it() {
+    let dir = std::env::temp_dir().join(format!("pw-config-v1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let mut command = Command::new("openssl");
+        command.args(args).current_dir(&dir);
+        let output = testkit::cli::output_within(command, testkit::cli::CLI_WITHIN, "openssl");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "openssl {args:?}: {stderr}");
+    };
+    let key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=test-ca"];
+    ca.extend(key);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&ca);
+    let mut csr = vec!["req", "-subj", "/CN=client"];
+    csr.extend(key);
+    csr.extend(["-keyout", "client.key", "-out", "client.csr"]);
+    openssl(&csr);
+    std::fs::write(dir.join("ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (out, extensions) in [("v1.pem", None), ("v3.pem", Some("ext"))] {
+        let mut args = vec!["x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey"];
+        args.extend(["ca.key", "-CAcreateserial", "-days", "1", "-out", out]);
+        if let Some(ext) = extensions {
+            args.extend(["-extfile", ext]);
+        }
+        openssl(&args);
+    }
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    let run_with = |cert: &str| {
+        let uri = format!("amqps://guest:guest@{}/%2f", testkit::free_loopback_addr());
+        let settings = [
+            ("RABBITMQ_URI", uri.as_str()),
+            ("RABBITMQ_TLS_CERT_FILE", cert),
+            ("RABBITMQ_TLS_KEY_FILE", &path("client.key")),
+        ];
+        run(&["run"], &settings)
+    };
+    let (code, stderr) = run_with(&path("v1.pem"));
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("RABBITMQ_TLS_CERT_FILE")
+            && stderr.contains("v1")
+            && stderr.contains("-extfile"),
+        "{stderr}"
+    );
+    let (_, stderr) = run_with(&path("v3.pem"));
+    assert!(!stderr.contains("RABBITMQ_TLS_CERT_FILE"), "a v3 certificate is taken: {stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
