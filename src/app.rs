@@ -15,7 +15,7 @@ use crate::cli::GlobalArgs;
 use crate::config::{ConfigError, RunArgs};
 use crate::flow::FlowControl;
 use crate::health::Readiness;
-use crate::http::{HttpState, router};
+use crate::http::{HttpLimits, HttpState, router, serve};
 use crate::metrics::Metrics;
 use crate::stripe::{Gateway, StripeApi};
 use crate::topology::{QueueType, Topology};
@@ -39,7 +39,7 @@ pub struct App {
     worker: Worker,
     http: HttpState,
     webhook: Arc<Webhook>,
-    webhook_max_body: usize,
+    http_limits: HttpLimits,
     topology: Arc<Topology>,
     pool: Pool,
     depth_interval: Duration,
@@ -112,6 +112,7 @@ impl App {
                 secrets: webhook_secrets,
                 tolerance: args.stripe_webhook_tolerance,
                 dedup_capacity: args.webhook_dedup_capacity,
+                max_concurrent: args.webhook_max_concurrent as usize,
             },
             topology.clone(),
             pool.clone(),
@@ -131,7 +132,7 @@ impl App {
             worker,
             http: HttpState { readiness, metrics },
             webhook,
-            webhook_max_body: args.webhook_max_body as usize,
+            http_limits: args.http_limits(),
             topology,
             pool,
             depth_interval: args.queue_depth_interval,
@@ -154,14 +155,9 @@ impl App {
         let stop_http = CancellationToken::new();
         let server = {
             let stop = stop_http.clone();
-            let app = router(self.http.clone(), self.webhook.clone(), self.webhook_max_body);
-            tokio::spawn(async move {
-                let serve =
-                    axum::serve(self.listener, app).with_graceful_shutdown(stop.cancelled_owned());
-                if let Err(e) = serve.await {
-                    warn!(error = %e, "HTTP server failed");
-                }
-            })
+            let app = router(self.http.clone(), self.webhook.clone(), self.http_limits);
+            let metrics = self.http.metrics.clone();
+            tokio::spawn(serve(self.listener, app, self.http_limits, metrics, stop))
         };
         let poller = tokio::spawn(poll_queue_depths(
             self.pool.clone(),

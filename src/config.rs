@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::breaker::BreakerSettings;
 use crate::cli::secret_setting;
+use crate::http::HttpLimits;
 use crate::pacer::PacerSettings;
 use crate::stripe::{CheckoutUrls, STRIPE_API};
 use crate::worker::ReconnectPolicy;
@@ -108,6 +109,23 @@ pub struct RunArgs {
     /// Largest webhook body accepted, in bytes; a larger one is answered 413 unread.
     #[arg(long, env = "WEBHOOK_MAX_BODY", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1024..))]
     pub webhook_max_body: u32,
+
+    /// Webhook requests handled at once; one more is answered 503 before its body is read
+    /// (Stripe retries it).
+    #[arg(long, env = "WEBHOOK_MAX_CONCURRENT", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub webhook_max_concurrent: u32,
+
+    /// HTTP connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub http_max_connections: u32,
+
+    /// How long a client may take to send a request's headers (idle connections included).
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// How long a client may take to send a webhook body.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_body_timeout: Duration,
 
     /// Stripe event ids remembered to drop duplicate webhook deliveries.
     #[arg(long, env = "WEBHOOK_DEDUP_CAPACITY", default_value_t = 10_000)]
@@ -292,6 +310,16 @@ impl RunArgs {
             increase: self.stripe_rate_increase,
             decrease: self.stripe_rate_decrease,
         })
+    }
+
+    /// The HTTP server's bounds.
+    pub fn http_limits(&self) -> HttpLimits {
+        HttpLimits {
+            max_connections: self.http_max_connections as usize,
+            header_timeout: self.http_header_timeout,
+            body_timeout: self.http_body_timeout,
+            max_body: self.webhook_max_body as usize,
+        }
     }
 
     pub fn reconnect_policy(&self) -> ReconnectPolicy {

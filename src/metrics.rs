@@ -43,6 +43,8 @@ pub struct Metrics {
     /// The configured delay of each retry tier, for comparing with `retry_delay`.
     pub retry_tier_seconds: prometheus::GaugeVec,
     pub webhook_requests: IntCounterVec,
+    /// HTTP connections closed at accept because `HTTP_MAX_CONNECTIONS` were open.
+    pub http_connections_refused: IntCounter,
     pub ready: IntGauge,
 }
 
@@ -191,6 +193,11 @@ impl Metrics {
                     "Stripe webhook requests by result",
                 ),
                 &["result"],
+            )
+            .register_in(&registry),
+            http_connections_refused: IntCounter::new(
+                "payment_worker_http_connections_refused_total",
+                "HTTP connections closed at once because HTTP_MAX_CONNECTIONS were open",
             )
             .register_in(&registry),
             ready: IntGauge::new("payment_worker_ready", "1 while /readyz answers 200")

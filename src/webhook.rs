@@ -17,15 +17,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse as _, Response};
 use hmac::{Hmac, Mac};
 use lapin::types::FieldTable;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::Sha256;
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{Mutex as AsyncMutex, Semaphore};
 use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -58,6 +62,9 @@ pub struct WebhookSettings {
     pub tolerance: Duration,
     /// Event ids remembered to drop Stripe's duplicate deliveries.
     pub dedup_capacity: usize,
+    /// Webhook requests handled at once, bodies included; one more is answered 503 before
+    /// its body is read (Stripe retries it), so memory stays within this many bodies.
+    pub max_concurrent: usize,
 }
 
 /// The webhook handler's state.
@@ -69,6 +76,8 @@ pub struct Webhook {
     /// One confirm-mode channel, opened on first use and replaced when it breaks.
     publisher: AsyncMutex<Option<Publisher>>,
     recent: Mutex<RecentIds>,
+    /// Permits for requests being handled (see [`WebhookSettings::max_concurrent`]).
+    admitted: Arc<Semaphore>,
 }
 
 /// How a webhook request ended: the answer to Stripe and the metric label.
@@ -93,6 +102,8 @@ pub enum Reply {
     Unreadable,
     /// The broker did not confirm the event: Stripe should retry.
     PublishFailed,
+    /// `WEBHOOK_MAX_CONCURRENT` requests are being handled: Stripe should retry.
+    Busy,
 }
 
 impl Reply {
@@ -105,7 +116,7 @@ impl Reply {
             | Self::MissingMetadata
             | Self::IgnoredType => StatusCode::OK,
             Self::InvalidSignature | Self::InvalidPayload => StatusCode::BAD_REQUEST,
-            Self::NotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotConfigured | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unreadable | Self::PublishFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -125,6 +136,7 @@ impl Reply {
             Self::TooLarge => "payload too large",
             Self::Unreadable => "cannot read body",
             Self::PublishFailed => "publish failed",
+            Self::Busy => "busy, retry later",
         }
     }
 
@@ -142,6 +154,7 @@ impl Reply {
             Self::TooLarge => "too_large",
             Self::Unreadable => "unreadable",
             Self::PublishFailed => "publish_failed",
+            Self::Busy => "busy",
         }
     }
 }
@@ -227,7 +240,9 @@ impl Webhook {
         metrics: Arc<Metrics>,
     ) -> Self {
         let recent = Mutex::new(RecentIds::new(settings.dedup_capacity));
-        Self { settings, topology, pool, metrics, publisher: AsyncMutex::new(None), recent }
+        let admitted = Arc::new(Semaphore::new(settings.max_concurrent));
+        let publisher = AsyncMutex::new(None);
+        Self { settings, topology, pool, metrics, publisher, recent, admitted }
     }
 
     /// Handles one request.
@@ -357,6 +372,21 @@ impl Webhook {
     fn recent(&self) -> std::sync::MutexGuard<'_, RecentIds> {
         self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Admits a webhook request before its body is read, while fewer than
+/// `WEBHOOK_MAX_CONCURRENT` are being handled; answers 503 `busy` otherwise.
+pub async fn admission(
+    State(webhook): State<Arc<Webhook>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Ok(_permit) = webhook.admitted.clone().try_acquire_owned() else {
+        let reply = Reply::Busy;
+        webhook.metrics.webhook_requests.with_label_values(&[reply.as_str()]).inc();
+        return (reply.status(), [(RETRY_AFTER, "1")], reply.body()).into_response();
+    };
+    next.run(request).await
 }
 
 /// The axum handler. The body limit is a layer on the route; a body over it is 413 and never

@@ -316,3 +316,119 @@ async fn a_signed_negative_amount_is_an_invalid_payload() {
     assert!(world.client.take(SUCCESS, 1, Duration::from_millis(300)).await.is_empty());
     worker.stop().await.unwrap();
 }
+
+/// Reads until the server closes the connection or `within` passes: the bytes it sent, and
+/// whether it closed.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buffer = [0_u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&seen).into_owned(), true),
+            Ok(Ok(n)) => seen.extend_from_slice(&buffer[..n]),
+            Err(_) => return (String::from_utf8_lossy(&seen).into_owned(), false),
+        }
+    }
+}
+
+async fn open(worker: &RunningWorker, first_bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(worker.http).await.unwrap();
+    stream.write_all(first_bytes).await.unwrap();
+    stream
+}
+
+const STALLED_HEAD: &[u8] =
+    b"POST /webhook/stripe HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n";
+
+fn stalled_body_head(length: usize) -> Vec<u8> {
+    format!(
+        "POST /webhook/stripe HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n\r\n{{\"id\":"
+    )
+    .into_bytes()
+}
+
+/// Slow or many clients cannot hold the webhook port: headers and bodies have deadlines,
+/// webhook requests beyond the cap are answered 503 before their bodies are read (Stripe
+/// retries those), connections beyond the cap are closed at once, and payments go on.
+#[tokio::test]
+async fn slow_or_many_clients_are_bounded_and_payments_go_on() {
+    let world = World::new("webhook-bounds").await;
+    let worker = world
+        .start_worker(&[
+            "--stripe-webhook-key",
+            SECRET,
+            "--http-header-timeout",
+            "1s",
+            "--http-body-timeout",
+            "3s",
+            "--webhook-max-concurrent",
+            "4",
+            "--http-max-connections",
+            "40",
+        ])
+        .await;
+
+    // Slow loris: headers never finished, and connections that send nothing at all.
+    let mut loris = Vec::new();
+    for i in 0..10 {
+        loris.push(open(&worker, if i % 2 == 0 { STALLED_HEAD } else { b"" }).await);
+    }
+    // Bodies that stall: 4 are admitted and time out, the other 8 are answered 503 unread.
+    let mut bodies = Vec::new();
+    for _ in 0..12 {
+        bodies.push(open(&worker, &stalled_body_head(200_000)).await);
+    }
+    let mut busy = 0;
+    let mut cut = 0;
+    for stream in &mut bodies {
+        let (answer, closed) = read_until_closed(stream, Duration::from_secs(5)).await;
+        if answer.starts_with("HTTP/1.1 503") && answer.contains("retry-after: 1") {
+            busy += 1;
+        } else {
+            assert!(closed, "a stalled body is cut off: {answer:?}");
+            cut += 1;
+        }
+    }
+    assert_eq!((busy, cut), (8, 4), "4 admitted and cut off at the body deadline, 8 busy");
+    for stream in &mut loris {
+        let (answer, closed) = read_until_closed(stream, Duration::from_secs(5)).await;
+        assert!(closed, "a slow client is closed at the header deadline: {answer:?}");
+    }
+
+    // More connections than the cap: the ones past it are closed at once, and counted.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(open(&worker, b"").await);
+    }
+    let mut extra = open(&worker, b"").await;
+    let (_, closed) = read_until_closed(&mut extra, Duration::from_secs(1)).await;
+    assert!(closed, "the connection past the cap is closed at once");
+    drop(held);
+
+    // The consumer never noticed, and the webhook answers again.
+    world.client.send_command(&testkit::amqp::command("bounds-1", "u", 100.0, "USD")).await;
+    assert_eq!(
+        world.client.take(crate::helpers::EVENTS, 1, Duration::from_secs(10)).await.len(),
+        1
+    );
+    let served = testkit::eventually(Duration::from_secs(5), || async {
+        let body = event("evt_bounds", "checkout.session.completed", "paid", trip_metadata());
+        (signed(&worker, &body).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(served.is_some(), "the webhook serves again once the slow clients are gone");
+    let refused =
+        crate::helpers::metric(worker.http, "payment_worker_http_connections_refused_total").await;
+    assert!(refused >= 1.0, "{refused}");
+    let busy_metric = crate::helpers::metric_sum(
+        worker.http,
+        "payment_worker_webhook_requests_total",
+        "result=\"busy\"",
+    )
+    .await;
+    assert_eq!(busy_metric, 8.0);
+    worker.stop().await.unwrap();
+}
