@@ -574,32 +574,46 @@ async fn main() {
     if section("8") {
         println!("\n## 8. Tracing: spans exported over OTLP/HTTP, or not (prefetch 64)\n");
         let collector = testkit::otlp::Collector::start("127.0.0.1:0").await;
-        let exporting = [("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint())];
-        let (mut off, mut on) = (Vec::new(), Vec::new());
-        let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
+        // A collector that accepts and never answers, and an address that refuses.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_endpoint = format!("http://{}", silent.local_addr().unwrap());
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = silent.accept().await {
+                held.push(socket);
+            }
+        });
+        let refusing_endpoint = format!("http://{}", testkit::free_loopback_addr());
+        let cases = [
+            ("not exported (variables unset)", None),
+            ("exported to a local collector", Some(collector.endpoint())),
+            ("collector refusing connections", Some(refusing_endpoint)),
+            ("collector accepting, never answering", Some(silent_endpoint)),
+        ];
+        let mut rates = vec![Vec::new(); cases.len()];
+        let mut cpus = vec![Vec::new(); cases.len()];
         for _ in 0..runs {
-            let (rate, (cpu, _)) = worker_throughput(n, 64, Duration::ZERO, &[]).await;
-            off.push(rate);
-            off_cpu.push(cpu);
-            let (rate, (cpu, _)) = worker_throughput(n, 64, Duration::ZERO, &exporting).await;
-            on.push(rate);
-            on_cpu.push(cpu);
+            for (i, (_, endpoint)) in cases.iter().enumerate() {
+                let env: Vec<(&str, String)> =
+                    endpoint.iter().map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e.clone())).collect();
+                let (rate, (cpu, _)) = worker_throughput(n, 64, Duration::ZERO, &env).await;
+                rates[i].push(rate);
+                cpus[i].push(cpu);
+            }
         }
-        let (off, on) = (Stat::of(off), Stat::of(on));
         println!("| spans | cmd/s | CPU seconds per 10,000 commands |\n|---|---|---|");
+        let mut medians = Vec::new();
+        for (((name, _), rate), cpu) in cases.iter().zip(rates).zip(cpus) {
+            let rate = Stat::of(rate);
+            medians.push(rate.median);
+            println!("| {name} | {} | {} |", rate.show(""), Stat::of(cpu).show(" s"));
+        }
         println!(
-            "| not exported (variables unset) | {} | {} |",
-            off.show(""),
-            Stat::of(off_cpu).show(" s")
-        );
-        println!(
-            "| exported to a local collector | {} | {} |",
-            on.show(""),
-            Stat::of(on_cpu).show(" s")
-        );
-        println!(
-            "\nExporting keeps {:.0}% of the throughput; the collector received {} spans.",
-            100.0 * on.median / off.median,
+            "\nAgainst no export: a local collector keeps {:.0}% of the throughput, a refusing \
+             one {:.0}%, a hanging one {:.0}%; the collector received {} spans.",
+            100.0 * medians[1] / medians[0],
+            100.0 * medians[2] / medians[0],
+            100.0 * medians[3] / medians[0],
             collector.spans().len()
         );
     }

@@ -113,7 +113,7 @@ pub async fn serve(
 }
 
 /// How long a stop waits for HTTP requests in flight.
-pub const HTTP_DRAIN: Duration = Duration::from_secs(5);
+pub const HTTP_DRAIN: Duration = Duration::from_secs(3);
 
 /// A handler that panics answers 500 instead of dropping the connection (Stripe then retries
 /// the webhook).

@@ -18,7 +18,14 @@ async fn main() -> ExitCode {
         Command::Run(args) => match Telemetry::init(cli.global.log_format) {
             Ok(telemetry) => {
                 let result = run(&cli.global, &args).await;
-                telemetry.shutdown().await;
+                if !telemetry.shutdown().await {
+                    // The flush is stuck on a collector that does not answer, on a thread
+                    // the runtime would wait for: exit without it.
+                    if let Err(message) = &result {
+                        eprintln!("payment-worker: {message}");
+                    }
+                    std::process::exit(i32::from(result.is_err()));
+                }
                 result
             }
             Err(e) => Err(e.into()),

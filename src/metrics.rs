@@ -214,6 +214,13 @@ impl Metrics {
             .set(1);
         // Every kind at zero from the start, so rate() and dashboards see the series before
         // the first failure.
+        // The exporter's counters live with the exporter, which is built before any Metrics.
+        for counter in [&*crate::telemetry::EXPORT_FAILURES, &*crate::telemetry::SPANS_DROPPED] {
+            metrics
+                .registry
+                .register(Box::new(counter.clone()))
+                .expect("each metric is registered once per registry");
+        }
         for kind in PublishError::KINDS {
             metrics.publish_failures.with_label_values(&[kind]).reset();
         }

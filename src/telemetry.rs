@@ -9,21 +9,30 @@
 //! `http/protobuf`), `OTEL_SERVICE_NAME` (default `payment-worker`),
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG`. A batch
 //! exporter on the tokio runtime sends them through the binary's one HTTP stack (hyper, rustls
-//! with ring); the batch is flushed on a graceful stop. With neither endpoint set there is no
-//! exporter and no OpenTelemetry layer: spans cost what `tracing` spans cost.
+//! with ring); the batch is flushed on a graceful stop, for at most [`FLUSH_WITHIN`]. With
+//! neither endpoint set there is no exporter and no OpenTelemetry layer: spans cost what
+//! `tracing` spans cost.
+//!
+//! A collector that is down, refuses, answers errors or hangs never slows the payments: the
+//! exporter is [`Guarded`], so after a failed export the next batches are dropped unsent for
+//! a backoff that grows while exports keep failing, counted in
+//! `payment_worker_trace_spans_dropped_total`, with a warning at most once a minute.
 
-use std::time::Duration;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_http::hyper::HyperClient;
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::runtime;
-use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
-use tracing::Level;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use prometheus::IntCounter;
+use tracing::{Level, warn};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -36,7 +45,36 @@ use crate::config::ConfigError;
 pub const SERVICE_NAME: &str = "payment-worker";
 
 /// How long one export may take.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a graceful stop waits for the last spans to go out: inside Kubernetes' grace
+/// period together with `SHUTDOWN_GRACE` and the HTTP drain.
+pub const FLUSH_WITHIN: Duration = Duration::from_secs(2);
+
+/// The first and the longest pause in exporting after a failed export.
+const PAUSE_FIRST: Duration = Duration::from_secs(1);
+const PAUSE_MAX: Duration = Duration::from_secs(60);
+
+/// How often a failing exporter may say so in the log.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Exports that failed (refused, an error status, no answer within the timeout).
+pub static EXPORT_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "payment_worker_trace_export_failures_total",
+        "OTLP span exports that failed (refused, error status, or no answer in time)",
+    )
+    .expect("a valid metric definition")
+});
+
+/// Spans given up: in a failed export, or dropped unsent while exporting pauses.
+pub static SPANS_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    IntCounter::new(
+        "payment_worker_trace_spans_dropped_total",
+        "Spans not exported: in a failed export, or dropped while exporting pauses after one",
+    )
+    .expect("a valid metric definition")
+});
 
 /// What was installed; flush it before the process ends.
 pub struct Telemetry {
@@ -92,12 +130,25 @@ impl Telemetry {
         Ok(Self { provider })
     }
 
-    /// Sends the spans still batched; a graceful stop calls it last.
-    pub async fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-            if let Ok(Err(e)) = flushed {
+    /// Sends the spans still batched, for at most [`FLUSH_WITHIN`]; a graceful stop calls it
+    /// last. Returns `false` when the flush is still running then: the process should exit
+    /// without waiting for it (dropping the runtime would).
+    pub async fn shutdown(self) -> bool {
+        let Some(provider) = self.provider else { return true };
+        let flush = tokio::task::spawn_blocking(move || provider.shutdown());
+        match tokio::time::timeout(FLUSH_WITHIN, flush).await {
+            Ok(Ok(Ok(()))) => true,
+            Ok(Ok(Err(e))) => {
                 eprintln!("payment-worker: flushing spans: {e}");
+                true
+            }
+            Ok(Err(e)) => {
+                eprintln!("payment-worker: flushing spans: {e}");
+                true
+            }
+            Err(_) => {
+                eprintln!("payment-worker: spans not flushed within {FLUSH_WITHIN:?}; dropped");
+                false
             }
         }
     }
@@ -121,7 +172,7 @@ fn provider() -> Result<SdkTracerProvider, ConfigError> {
         .map_err(|e| {
             ConfigError::env_only("OTEL_EXPORTER_OTLP_ENDPOINT", format!("no exporter: {e}"))
         })?;
-    let processor = BatchSpanProcessor::builder(exporter, runtime::Tokio).build();
+    let processor = BatchSpanProcessor::builder(Guarded::new(exporter), runtime::Tokio).build();
     let mut resource = Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(SERVICE_NAME);
@@ -130,4 +181,76 @@ fn provider() -> Result<SdkTracerProvider, ConfigError> {
         .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
         .build();
     Ok(SdkTracerProvider::builder().with_span_processor(processor).with_resource(resource).build())
+}
+
+/// An exporter that pauses after a failure instead of encoding and sending every batch to a
+/// collector that cannot take it: while paused, batches are dropped unsent and counted. The
+/// pause starts at [`PAUSE_FIRST`] and doubles, up to [`PAUSE_MAX`], while exports fail; one
+/// success ends it. Failures are warned about at most once per [`WARN_EVERY`].
+#[derive(Debug)]
+pub struct Guarded<E> {
+    inner: E,
+    state: Mutex<Pause>,
+}
+
+#[derive(Debug, Default)]
+struct Pause {
+    until: Option<Instant>,
+    next: Option<Duration>,
+    warned_at: Option<Instant>,
+}
+
+impl<E> Guarded<E> {
+    pub fn new(inner: E) -> Self {
+        Self { inner, state: Mutex::new(Pause::default()) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Pause> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for Guarded<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        if self.state().until.is_some_and(|until| Instant::now() < until) {
+            SPANS_DROPPED.inc_by(spans);
+            return Ok(());
+        }
+        let result = self.inner.export(batch).await;
+        let mut state = self.state();
+        match &result {
+            Ok(()) => *state = Pause { warned_at: state.warned_at, ..Pause::default() },
+            Err(e) => {
+                EXPORT_FAILURES.inc();
+                SPANS_DROPPED.inc_by(spans);
+                let pause = state.next.unwrap_or(PAUSE_FIRST);
+                let now = Instant::now();
+                state.until = Some(now + pause);
+                state.next = Some((pause * 2).min(PAUSE_MAX));
+                if state.warned_at.is_none_or(|at| now.duration_since(at) >= WARN_EVERY) {
+                    state.warned_at = Some(now);
+                    warn!(
+                        error = %e,
+                        paused_ms = pause.as_millis() as u64,
+                        "exporting spans failed; spans are dropped while exporting pauses \
+                         (payment_worker_trace_spans_dropped_total)"
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
 }

@@ -157,3 +157,84 @@ async fn without_the_variables_no_span_leaves_the_process() {
     stop(worker).await;
     assert_eq!(collector.requests(), 0);
 }
+
+/// A collector that accepts connections and never answers.
+async fn hanging_collector() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (endpoint, task)
+}
+
+/// Sends `count` commands and waits for their events.
+async fn pay(world: &World, prefix: &str, count: usize) {
+    for i in 0..count {
+        world.client.send_command(&command(&format!("{prefix}-{i}"), "u", 100.0, "USD")).await;
+    }
+    let events = world.client.take(EVENTS, count, Duration::from_secs(30)).await;
+    assert_eq!(events.len(), count, "payments go on whatever the collector does");
+}
+
+/// A collector that hangs cannot hold the stop: the last flush has a deadline inside the
+/// grace period, and the worker exits with its own status.
+#[tokio::test]
+async fn a_hanging_collector_does_not_outlast_the_stop() {
+    let world = World::new("otlp-hang").await;
+    let (endpoint, _collector) = hanging_collector().await;
+    let worker = pod(
+        &world,
+        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint), ("SHUTDOWN_GRACE", "2s".into())],
+        None,
+    )
+    .await;
+    pay(&world, "hang", 200).await;
+    let started = std::time::Instant::now();
+    stop(worker).await;
+    // The grace (2 s, nothing in flight), the HTTP drain (at most 3 s) and the flush (2 s).
+    assert!(started.elapsed() < Duration::from_secs(10), "stopped after {:?}", started.elapsed());
+}
+
+/// A collector that refuses: the failures are counted, the spans given up are counted, and
+/// the log says so once, not once per batch.
+#[tokio::test]
+async fn a_refusing_collector_is_counted_and_warned_about_once() {
+    let world = World::new("otlp-refused").await;
+    let refused = format!("http://{}", testkit::free_loopback_addr());
+    let log = std::env::temp_dir().join(format!("pw-otlp-{}.log", world.vhost.name()));
+    let worker = pod(
+        &world,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", refused),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+            ("RUST_LOG", "warn".into()),
+        ],
+        Some(&log),
+    )
+    .await;
+    for round in 0..3 {
+        pay(&world, &format!("refused-{round}"), 100).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let http = worker.http;
+    let metric = |name: &'static str| async move {
+        let (_, body) = testkit::http_get(http, "/metrics").await.unwrap();
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let failures = metric("payment_worker_trace_export_failures_total").await;
+    let dropped = metric("payment_worker_trace_spans_dropped_total").await;
+    stop(worker).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::remove_file(&log).unwrap();
+    assert!(failures >= 1.0, "{failures}");
+    assert!(dropped >= 300.0, "at least the 900 spans' first batches: {dropped}");
+    let warnings = text.lines().filter(|l| l.contains("exporting spans failed")).count();
+    assert_eq!(warnings, 1, "warned once in the run, at RUST_LOG=warn:\n{text}");
+}
