@@ -70,7 +70,7 @@ FILE_SETTINGS = {f"{s}_FILE" for s in SECRET_SETTINGS} | {
 RENDERS_WITH_INLINE_SECRETS = {"default-values", "files-and-tls-values"}
 
 for name in ["default-values", "existing-secret-values", "monitoring-values", "single-replica-values",
-             "files-and-tls-values"]:
+             "files-and-tls-values", "keda-values", "hpa-values"]:
     docs = load(name)
     deployment = only(docs, "Deployment")
     service = only(docs, "Service")
@@ -132,7 +132,8 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     # The mounted topology is the one the binary ships.
     profile = {"existing-secret-values": "quorum", "monitoring-values": "extended"}.get(name, "default")
     max_rps = configmap["data"].get("STRIPE_MAX_RPS")
-    check(max_rps == ("12.5" if name == "monitoring-values" else None),
+    expected_rps = {"monitoring-values": "12.5", "keda-values": "15"}.get(name)
+    check(max_rps == expected_rps,
           f"{name}: STRIPE_MAX_RPS is rendered exactly when stripe.rate.max is set ({max_rps!r})")
     shipped = (ROOT / "topology" / f"{profile}.toml").read_text()
     check(configmap["data"]["topology.toml"].strip() == shipped.strip(),
@@ -158,8 +159,50 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     check(service["spec"]["selector"] == selector, f"{name}: the Service selects the pods")
     check(all(pod["metadata"]["labels"].get(k) == v for k, v in selector.items()), f"{name}: pods carry the selector")
 
-    replicas = deployment["spec"]["replicas"]
+    values = yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text()) or {}
+    scaling = values.get("autoscaling", {})
+    scaled = scaling.get("keda", {}).get("enabled") or scaling.get("hpa", {}).get("enabled")
+    scaled_object, trigger_auth = only(docs, "ScaledObject"), only(docs, "TriggerAuthentication")
+    hpa = only(docs, "HorizontalPodAutoscaler")
+    if scaled:
+        check("replicas" not in deployment["spec"], f"{name}: an autoscaled Deployment states no replicas")
+    else:
+        check(scaled_object is None and hpa is None, f"{name}: no autoscaler by default")
+    if scaling.get("keda", {}).get("enabled"):
+        check(scaled_object is not None and trigger_auth is not None, f"{name}: ScaledObject and TriggerAuthentication")
+        check(scaled_object["apiVersion"] == "keda.sh/v1alpha1" and trigger_auth["apiVersion"] == "keda.sh/v1alpha1",
+              f"{name}: KEDA objects are keda.sh/v1alpha1")
+        spec = scaled_object["spec"]
+        check(spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"], f"{name}: the ScaledObject targets the Deployment")
+        check((spec["minReplicaCount"], spec["maxReplicaCount"]) == (scaling["minReplicas"], scaling["maxReplicas"]),
+              f"{name}: min and max replicas come from autoscaling.minReplicas and maxReplicas")
+        trigger = spec["triggers"][0]
+        check(len(spec["triggers"]) == 1 and trigger["type"] == "rabbitmq" and trigger["metadata"]["mode"] == "QueueLength",
+              f"{name}: one rabbitmq trigger on the queue's length")
+        work_queue = re.search(r'\[work_queue\]\s*name = "([^"]+)"', configmap["data"]["topology.toml"]).group(1)
+        check(trigger["metadata"]["queueName"] == work_queue, f"{name}: the trigger watches the topology's work queue ({work_queue})")
+        check(trigger["metadata"]["value"] == str(4 * int(configmap["data"]["PREFETCH"])),
+              f"{name}: the queue length per replica defaults to 4 x the prefetch")
+        check(trigger["authenticationRef"]["name"] == trigger_auth["metadata"]["name"], f"{name}: the trigger uses the TriggerAuthentication")
+        refs = trigger_auth["spec"]["secretTargetRef"]
+        check(refs == [{"parameter": "host", "name": values["secrets"]["existingSecret"], "key": "RABBITMQ_URI"}],
+              f"{name}: the broker address comes from the pods' Secret: {refs}")
+        rendered = yaml.safe_dump(scaled_object) + yaml.safe_dump(trigger_auth)
+        check("amqp://" not in rendered and "password" not in rendered, f"{name}: no credential in the KEDA objects")
+        check(hpa is None, f"{name}: KEDA alone")
+    if scaling.get("hpa", {}).get("enabled"):
+        check(hpa is not None and hpa["apiVersion"] == "autoscaling/v2", f"{name}: an autoscaling/v2 HPA")
+        check(hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]},
+              f"{name}: the HPA targets the Deployment")
+        check((hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (scaling["minReplicas"], scaling["maxReplicas"]),
+              f"{name}: the HPA's bounds")
+        check(scaled_object is None, f"{name}: the HPA alone")
+
+    replicas = deployment["spec"].get("replicas", scaling.get("maxReplicas", 0))
     pdb = only(docs, "PodDisruptionBudget")
+    if pdb is not None:
+        check("maxUnavailable" in pdb["spec"] and "minAvailable" not in pdb["spec"],
+              f"{name}: the PDB uses maxUnavailable, valid whatever the replica count")
     if replicas > 1:
         check(pdb is not None and pdb["apiVersion"] == "policy/v1", f"{name}: a policy/v1 PodDisruptionBudget")
         check(pdb["spec"]["selector"]["matchLabels"] == selector, f"{name}: the PDB selects the pods")
@@ -222,10 +265,24 @@ for args, expected in [
     (["--set", "mode=mock", "--set", "broker.tls.clientCertificate=true"], "broker.tls.secretName"),
     (["--set", "mode=mock", "--set", "secrets.rabbitmqUri=amqp://a/%2f\\,http://b/"], "rabbitmqUri"),
     (["--set", "mode=mock", "--set", "broker.connectTimeout=soon"], "connectTimeout"),
+    (["--set", "mode=mock", "--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.hpa.enabled=true"],
+     "not both"),
+    (["--set", "secrets.existingSecret=x", "--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.minReplicas=0"],
+     "autoscaling.minReplicas is 0, but the pods serve Stripe's webhook"),
+    (["--set", "mode=mock", "--set", "ingress.enabled=true", "--set", "ingress.host=h", "--set", "autoscaling.hpa.enabled=true",
+      "--set", "autoscaling.minReplicas=0"], "autoscaling.minReplicas is 0"),
+    (["--set", "mode=mock", "--set", "autoscaling.hpa.enabled=true", "--set", "autoscaling.minReplicas=5",
+      "--set", "autoscaling.maxReplicas=3"], "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (3)"),
+    (["--set", "secrets.existingSecret=x", "--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.maxReplicas=9",
+      "--set-json", "stripe.rate.max=12.5"], "autoscaling.maxReplicas (9) × stripe.rate.max (12.5 requests/s) is above stripe.accountLimit (100"),
 ]:
     result = helm_template(*args)
     check(result.returncode != 0 and expected in result.stderr,
           f"render with {args} should fail mentioning {expected!r}; got {result.returncode}: {result.stderr.strip()[:300]}")
+
+# Scaling to zero is allowed where nothing serves the webhook (mock mode, no Ingress, no key).
+zero = helm_template("--set", "mode=mock", "--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.minReplicas=0")
+check(zero.returncode == 0, f"KEDA to zero without a webhook renders: {zero.stderr[:300]}")
 
 # Names stay within 63 characters.
 long = subprocess.run([HELM, "template", "a" * 53, str(CHART), "--set", "mode=mock"], capture_output=True, text=True)

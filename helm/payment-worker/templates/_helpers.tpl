@@ -95,3 +95,23 @@ worker.shutdownGrace with terminationGracePeriodSeconds; fails on another unit.
 {{- else }}{{ fail (printf "worker.shutdownGrace %q: write it in ms, s or m" $d) }}
 {{- end }}
 {{- end }}
+
+{{/*
+Whether the pods serve Stripe's webhook: the Ingress routes it to them, or a webhook key can
+reach them (an inline key, or an existing Secret that may hold STRIPE_WEBHOOK_KEY). Non-empty
+when they do; autoscaling never scales such pods to zero.
+*/}}
+{{- define "payment-worker.webhookServed" -}}
+{{- if or .Values.ingress.enabled .Values.secrets.stripeWebhookKey .Values.secrets.existingSecret -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/*
+Whether an autoscaler owns the Deployment's replica count (then the Deployment states none).
+*/}}
+{{- define "payment-worker.autoscaled" -}}
+{{- if or .Values.autoscaling.keda.enabled .Values.autoscaling.hpa.enabled -}}
+true
+{{- end -}}
+{{- end }}
