@@ -575,14 +575,8 @@ async fn main() {
         println!("\n## 8. Tracing: spans exported over OTLP/HTTP, or not (prefetch 64)\n");
         let collector = testkit::otlp::Collector::start("127.0.0.1:0").await;
         // A collector that accepts and never answers, and an address that refuses.
-        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let silent_endpoint = format!("http://{}", silent.local_addr().unwrap());
-        let _silent = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((socket, _)) = silent.accept().await {
-                held.push(socket);
-            }
-        });
+        let (silent, _silent) = testkit::silent_listener().await;
+        let silent_endpoint = format!("http://{silent}");
         let refusing_endpoint = format!("http://{}", testkit::free_loopback_addr());
         let cases = [
             ("not exported (variables unset)", None),

@@ -91,3 +91,18 @@ pub fn free_loopback_addr() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     listener.local_addr().expect("bound address")
 }
+
+/// A loopback port that accepts connections and never says a word (a hung node, a load
+/// balancer whose backends are down, a collector that never answers): its address, and the
+/// task that holds the connections until it is dropped or aborted.
+pub async fn silent_listener() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("a bound listener has an address");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (addr, task)
+}

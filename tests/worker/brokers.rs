@@ -5,28 +5,14 @@ use std::time::{Duration, Instant};
 use testkit::amqp::command;
 use testkit::http_get;
 use testkit::stripe::SECRET_KEY;
-use tokio::net::TcpListener;
 
 use crate::helpers::{EVENTS, World, wait_ready};
-
-/// A port that accepts connections and never says a word: a node that hangs.
-async fn silent_node() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    (addr, task)
-}
 
 #[tokio::test]
 async fn a_node_that_refuses_or_hangs_is_passed_over_at_once() {
     let world = World::new("nodes").await;
     let refused = testkit::free_loopback_addr();
-    let (silent, _task) = silent_node().await;
+    let (silent, _task) = testkit::silent_listener().await;
     let vhost = world.vhost.name();
     let uris = format!(
         "amqp://guest:guest@{refused}/{vhost}, amqp://guest:guest@{silent}/{vhost},{}",
@@ -86,7 +72,7 @@ async fn secrets_are_read_from_files() {
 #[tokio::test]
 async fn a_silent_node_does_not_cut_the_backoff_short() {
     let world = World::new("silent-backoff").await;
-    let (silent, _task) = silent_node().await;
+    let (silent, _task) = testkit::silent_listener().await;
     let uri = format!("amqp://guest:guest@{silent}/{}", world.vhost.name());
     let started = Instant::now();
     let worker = world

@@ -158,19 +158,6 @@ async fn without_the_variables_no_span_leaves_the_process() {
     assert_eq!(collector.requests(), 0);
 }
 
-/// A collector that accepts connections and never answers.
-async fn hanging_collector() -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    (endpoint, task)
-}
-
 /// Sends `count` commands and waits for their events.
 async fn pay(world: &World, prefix: &str, count: usize) {
     for i in 0..count {
@@ -185,7 +172,8 @@ async fn pay(world: &World, prefix: &str, count: usize) {
 #[tokio::test]
 async fn a_hanging_collector_does_not_outlast_the_stop() {
     let world = World::new("otlp-hang").await;
-    let (endpoint, _collector) = hanging_collector().await;
+    let (silent, _collector) = testkit::silent_listener().await;
+    let endpoint = format!("http://{silent}");
     let worker = pod(
         &world,
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint), ("SHUTDOWN_GRACE", "2s".into())],
