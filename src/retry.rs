@@ -63,6 +63,9 @@ pub enum ParkReason {
     IdempotencyConflict,
     /// Stripe answered with something that is not a session.
     StripeBadResponse,
+    /// Stripe replays a server error it saved under the trip's idempotency key: every retry
+    /// with the key gets the same answer.
+    StripeReplayedError,
     /// Every attempt failed with a transient error.
     RetriesExhausted,
     /// The retry copy could not be published (no wait queue took it).
@@ -77,6 +80,7 @@ impl ParkReason {
             Self::StripeRejected => "stripe_rejected",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::StripeBadResponse => "stripe_bad_response",
+            Self::StripeReplayedError => "stripe_replayed_error",
             Self::RetriesExhausted => "retries_exhausted",
             Self::RetryUnroutable => "retry_unroutable",
         }

@@ -78,6 +78,9 @@ pub enum StripeError {
         should_retry: Option<bool>,
         /// The `Retry-After` header in seconds, when Stripe sent one.
         retry_after: Option<Duration>,
+        /// `Idempotent-Replayed: true`: Stripe's saved answer for this key, which will not
+        /// change however often the request is sent again.
+        replayed: bool,
         /// `error.type`: `api_error`, `invalid_request_error`, `idempotency_error`, …
         kind: Option<String>,
         code: Option<String>,
@@ -102,6 +105,7 @@ impl StripeError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Transport(_) | Self::Timeout(_) => true,
+            Self::Api { replayed: true, .. } => false,
             Self::Api { should_retry: Some(retry), .. } => *retry,
             Self::Api { status, .. } => matches!(status, 409 | 424 | 429 | 500..=599),
             Self::BadResponse(_) => false,
@@ -109,12 +113,14 @@ impl StripeError {
     }
 
     /// What the failure says about Stripe as a whole: a timeout, a connection error or a 5xx
-    /// (unless `Stripe-Should-Retry: false` marks a saved answer for this request) is Stripe
-    /// failing; a 429 is Stripe asking to slow down; anything else is an answer about this
-    /// request.
+    /// (unless `Stripe-Should-Retry: false` or `Idempotent-Replayed: true` marks a saved
+    /// answer for this request) is Stripe failing; a 429 is Stripe asking to slow down;
+    /// anything else is an answer about this request. A replayed answer comes from Stripe's
+    /// idempotency store: Stripe is up, and the answer is about this key alone.
     pub fn signal(&self) -> Signal {
         match self {
             Self::Transport(_) | Self::Timeout(_) => Signal::Failed,
+            Self::Api { replayed: true, .. } => Signal::Answered,
             Self::Api { status: 429, .. } => Signal::Throttled,
             Self::Api { status: 500.., should_retry, .. } if *should_retry != Some(false) => {
                 Signal::Failed
@@ -129,6 +135,12 @@ impl StripeError {
             Self::Api { retry_after, .. } => *retry_after,
             _ => None,
         }
+    }
+
+    /// A server error Stripe saved under this trip's key and replays: every retry with the
+    /// key gets it again, until Stripe forgets the key (24 hours at the earliest).
+    pub fn is_replayed_server_error(&self) -> bool {
+        matches!(self, Self::Api { status: 500.., replayed: true, .. })
     }
 
     /// The same trip arrived again with different parameters (a changed amount).
@@ -488,6 +500,7 @@ impl StripeApi {
             status,
             should_retry,
             retry_after,
+            replayed,
             kind: detail.as_ref().and_then(|d| d.kind.clone()),
             code: detail.as_ref().and_then(|d| d.code.clone()),
             message: detail
@@ -506,6 +519,7 @@ mod tests {
             status,
             should_retry,
             retry_after: None,
+            replayed: false,
             kind: kind.map(str::to_owned),
             code: None,
             message: "m".into(),
@@ -545,6 +559,20 @@ mod tests {
         }
         assert_eq!(api(400, None, Some("idempotency_error")).signal(), Signal::Answered);
         assert_eq!(StripeError::BadResponse("x".into()).signal(), Signal::Answered);
+    }
+
+    #[test]
+    fn a_replayed_answer_is_an_answer_whatever_its_status() {
+        for (status, should_retry) in [(500, None), (503, Some(true)), (502, Some(false))] {
+            let mut error = api(status, should_retry, Some("api_error"));
+            if let StripeError::Api { replayed, .. } = &mut error {
+                *replayed = true;
+            }
+            assert_eq!(error.signal(), Signal::Answered, "{status} {should_retry:?}");
+            assert!(!error.is_transient(), "{status}: the same key gets the same answer");
+            assert!(error.is_replayed_server_error(), "{status}");
+        }
+        assert!(!api(500, None, None).is_replayed_server_error(), "not replayed");
     }
 
     #[tokio::test]

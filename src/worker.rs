@@ -974,6 +974,9 @@ fn call_failure(error: CallError) -> Failure {
     let class = match error.signal() {
         Signal::Throttled => Class::RateLimited,
         Signal::Failed => Class::StripeWide(spread),
+        Signal::Answered if error.is_replayed_server_error() => {
+            Class::Permanent(ParkReason::StripeReplayedError)
+        }
         Signal::Answered if error.is_transient() => Class::Transient,
         Signal::Answered if error.is_idempotency_conflict() => {
             Class::Permanent(ParkReason::IdempotencyConflict)

@@ -200,3 +200,30 @@ async fn the_same_trip_with_another_amount_never_gets_a_second_session() {
     assert_eq!(world.stripe.created_for("trip-x").len(), 1);
     worker.stop().await.unwrap();
 }
+
+/// A 500 Stripe saved under the trip's key (no `Stripe-Should-Retry`) is replayed, marked
+/// `Idempotent-Replayed: true`, to every retry: the replay is an answer, so the payment is
+/// parked with a reason of its own after at most two calls, and healthy payments around it
+/// are not held up (the replays never count as Stripe failing).
+#[tokio::test]
+async fn a_replayed_server_error_is_parked_at_once() {
+    let world = World::new("replayed-500").await;
+    let worker = world.start_worker(&[]).await;
+    let saved = Behaviour::Fail { status: 500, kind: "api_error", saved: true, should_retry: None };
+    world.stripe.script("replayed", [saved]);
+    world.client.send_command(&command("replayed", "u", 100.0, "USD")).await;
+    for i in 0..20 {
+        world.client.send_command(&command(&format!("healthy-{i}"), "u", 100.0, "USD")).await;
+    }
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(15)).await;
+    assert_eq!(parked.len(), 1, "the replayed 500 is parked");
+    assert_eq!(trip_of(&parked[0]), "replayed");
+    assert_eq!(
+        parked[0].header_string("payment-park-reason").as_deref(),
+        Some("stripe_replayed_error")
+    );
+    let calls = world.stripe.seen_for("replayed").len();
+    assert!((1..=2).contains(&calls), "{calls} calls");
+    assert_eq!(world.client.take(EVENTS, 20, Duration::from_secs(15)).await.len(), 20);
+    worker.stop().await.unwrap();
+}
