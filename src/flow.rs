@@ -142,7 +142,7 @@ impl Permit<'_> {
                 Signal::Failed => {}
             }
             if let Some(wait) = result.err().and_then(StripeError::retry_after) {
-                pacer.hold_until(now, wait);
+                pacer.hold_until(now, wait, payment);
             }
             self.flow.metrics.stripe_rate_limit.set(pacer.rate());
         }

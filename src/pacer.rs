@@ -13,6 +13,9 @@
 //!   (Stripe counts requests per second): a 429 for a call sent less than a second after the
 //!   last cut still reflects the old rate.
 //! * `Retry-After` on a 429 or 503 holds every slot back until it has passed (at most 60 s).
+//!   It is about the rate, not one payment: the payment that armed the last hold cannot arm
+//!   the next one, so one payment answered `Retry-After` again and again cannot hold up all
+//!   the others; another payment's, or a success in between, can.
 //!
 //! A pure state machine like [`crate::breaker`]: methods take the time.
 
@@ -64,12 +67,14 @@ pub struct Pacer {
     slow_start: bool,
     /// When the rate was last cut.
     last_cut: Option<Instant>,
+    /// The payment whose `Retry-After` set the last hold, until an answer comes in between.
+    held_by: Option<String>,
 }
 
 impl Pacer {
     pub fn new(settings: PacerSettings, now: Instant) -> Self {
         let rate = clamp(settings.initial, &settings);
-        Self { settings, rate, next: now, slow_start: true, last_cut: None }
+        Self { settings, rate, next: now, slow_start: true, last_cut: None, held_by: None }
     }
 
     /// Requests per second now.
@@ -87,6 +92,7 @@ impl Pacer {
     /// Stripe answered a call (not a 429, not a failure of Stripe's). Grows the rate if the
     /// call had waited for its slot.
     pub fn on_answer(&mut self, slot: Slot) {
+        self.held_by = None;
         if !slot.waited {
             return;
         }
@@ -107,9 +113,16 @@ impl Pacer {
         true
     }
 
-    /// Stripe said when to come back: no slot before then.
-    pub fn hold_until(&mut self, now: Instant, retry_after: Duration) {
+    /// Stripe said, answering a call about `payment`, when to come back: no slot before then,
+    /// unless this payment set the last hold (then it says nothing new about the rate).
+    /// Returns whether the hold was taken.
+    pub fn hold_until(&mut self, now: Instant, retry_after: Duration, payment: &str) -> bool {
+        if self.held_by.as_deref() == Some(payment) {
+            return false;
+        }
+        self.held_by = Some(payment.to_owned());
         self.next = self.next.max(now + retry_after.min(MAX_RETRY_AFTER));
+        true
     }
 }
 
@@ -183,7 +196,24 @@ mod tests {
         }
         assert_eq!(p.rate(), 2.0, "never below the floor");
         let now = t0 + ms(30_000);
-        p.hold_until(now, Duration::from_secs(3600));
+        assert!(p.hold_until(now, Duration::from_secs(3600), "t-1"));
         assert_eq!(p.reserve(now).at, now + MAX_RETRY_AFTER, "Retry-After is capped");
+    }
+
+    #[test]
+    fn one_payment_cannot_arm_the_hold_again_and_again() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(PacerSettings { initial: 10.0, ..Default::default() }, t0);
+        let hold = Duration::from_secs(5);
+        assert!(p.hold_until(t0, hold, "poison"));
+        let later = t0 + ms(6_000);
+        assert!(!p.hold_until(later, hold, "poison"), "the same payment again: no new hold");
+        assert_eq!(p.reserve(later).at, later, "the others go on");
+        assert!(p.hold_until(later, hold, "other"), "another payment's Retry-After counts");
+        p.on_answer(Slot { at: later, waited: false });
+        assert!(
+            p.hold_until(later + ms(6_000), hold, "poison"),
+            "after an answer, it counts again"
+        );
     }
 }

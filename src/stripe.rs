@@ -129,10 +129,12 @@ impl StripeError {
         }
     }
 
-    /// How long Stripe asked to wait (`Retry-After`), if it did.
+    /// How long Stripe asked to wait (`Retry-After`) on a 429 or a 503, the answers about the
+    /// rate and Stripe's load; on any other status it is ignored (a 400 that carries one says
+    /// nothing about when other payments may go).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Api { retry_after, .. } => *retry_after,
+            Self::Api { status: 429 | 503, retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -559,6 +561,19 @@ mod tests {
         }
         assert_eq!(api(400, None, Some("idempotency_error")).signal(), Signal::Answered);
         assert_eq!(StripeError::BadResponse("x".into()).signal(), Signal::Answered);
+    }
+
+    #[test]
+    fn retry_after_counts_only_on_429_and_503() {
+        for (status, honoured) in
+            [(429, true), (503, true), (400, false), (500, false), (409, false)]
+        {
+            let mut error = api(status, None, None);
+            if let StripeError::Api { retry_after, .. } = &mut error {
+                *retry_after = Some(Duration::from_secs(60));
+            }
+            assert_eq!(error.retry_after().is_some(), honoured, "{status}");
+        }
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum Behaviour {
     /// Answer 200 with a session object whose `id` is this (a broken or hostile Stripe);
     /// nothing is created or saved.
     Answer(&'static str),
+    /// Answer this error status with `Retry-After: seconds`; nothing is saved.
+    RetryAfter { status: u16, seconds: u64 },
 }
 
 impl Behaviour {
@@ -355,6 +357,14 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
             }
             record(status, false);
             Ok(json(status, body, false, should_retry))
+        }
+        Behaviour::RetryAfter { status, seconds } => {
+            let kind = if status == 429 { "rate_limit_error" } else { "invalid_request_error" };
+            let body = error_body(kind, None, &format!("scripted {status}"));
+            record(status, false);
+            let mut response = json(status, body, false, None);
+            response.headers_mut().insert("retry-after", seconds.into());
+            Ok(response)
         }
         Behaviour::Answer(id) => {
             record(200, false);

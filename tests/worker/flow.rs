@@ -206,3 +206,44 @@ async fn a_replica_killed_while_its_circuit_is_open_loses_nothing() {
     second.child.start_kill().unwrap();
     second.child.wait().await.unwrap();
 }
+
+/// `Retry-After` is about the rate, not one payment: a 400 that carries one holds nobody, and
+/// one payment answered 429 with `Retry-After` again and again holds the others once at
+/// most, not for every one of its calls.
+#[tokio::test]
+async fn one_payments_retry_after_does_not_hold_the_others() {
+    let world = World::new("retry-after").await;
+    let worker = world.start_worker(&[]).await;
+    world.stripe.script("ra-400", [Behaviour::RetryAfter { status: 400, seconds: 60 }]);
+    world.client.send_command(&command("ra-400", "u", 100.0, "USD")).await;
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(10)).await;
+    assert_eq!(parked.len(), 1, "the 400 is parked as any 400");
+    let started = Instant::now();
+    for i in 0..10 {
+        world.client.send_command(&command(&format!("ra-a-{i}"), "u", 100.0, "USD")).await;
+    }
+    let events = world.client.take(EVENTS, 10, Duration::from_secs(20)).await;
+    assert_eq!(events.len(), 10);
+    assert!(started.elapsed() < Duration::from_secs(10), "a 400's Retry-After held the others");
+
+    // One payment 429'd with Retry-After on every call: the first hold is taken (as
+    // Stripe asked), its later ones are not.
+    world
+        .stripe
+        .script("ra-429", (0..200).map(|_| Behaviour::RetryAfter { status: 429, seconds: 2 }));
+    world.client.send_command(&command("ra-429", "u", 100.0, "USD")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let started = Instant::now();
+    for i in 0..10 {
+        world.client.send_command(&command(&format!("ra-b-{i}"), "u", 100.0, "USD")).await;
+    }
+    let events = world.client.take(EVENTS, 10, Duration::from_secs(20)).await;
+    assert_eq!(events.len(), 10);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "one payment's repeated Retry-After held the others: {:?}",
+        started.elapsed()
+    );
+    assert!(world.stripe.seen_for("ra-429").len() >= 2, "it kept being tried");
+    worker.stop().await.unwrap();
+}
