@@ -106,6 +106,7 @@ impl App {
             shutdown_grace: args.shutdown_grace,
             reconnect: args.reconnect_policy(),
             urls: args.checkout_urls(),
+            wait_budget: args.stripe_wait_budget()?,
         };
         let webhook = Arc::new(Webhook::new(
             WebhookSettings {

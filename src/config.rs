@@ -13,6 +13,7 @@ use crate::cli::secret_setting;
 use crate::http::HttpLimits;
 use crate::pacer::PacerSettings;
 use crate::stripe::{CheckoutUrls, STRIPE_API};
+use crate::topology::MAX_RETRY_SCHEDULE;
 use crate::worker::ReconnectPolicy;
 
 /// A setting with a value the worker cannot use. Printed as `invalid SETTING (--flag): reason`,
@@ -130,6 +131,12 @@ pub struct RunArgs {
     /// Stripe event ids remembered to drop duplicate webhook deliveries.
     #[arg(long, env = "WEBHOOK_DEDUP_CAPACITY", default_value_t = 10_000)]
     pub webhook_dedup_capacity: usize,
+
+    /// How long a payment may keep being deferred (Stripe down or rate-limiting) since it
+    /// first arrived before it is parked `stripe_unavailable`; at most 12h, inside Stripe's
+    /// 24 h idempotency window.
+    #[arg(long, env = "STRIPE_WAIT_BUDGET", default_value = "6h", value_parser = parse_duration)]
+    stripe_wait_budget: Duration,
 
     /// Per-replica ceiling of Stripe requests per second (this replica's share of the
     /// account's limit). Unset: no ceiling; the rate adapts to Stripe's 429s.
@@ -310,6 +317,22 @@ impl RunArgs {
             increase: self.stripe_rate_increase,
             decrease: self.stripe_rate_decrease,
         })
+    }
+
+    /// How long a payment may keep being deferred.
+    ///
+    /// # Errors
+    /// Longer than 12 hours: a payment could outlive its idempotency key.
+    pub fn stripe_wait_budget(&self) -> Result<Duration, ConfigError> {
+        if self.stripe_wait_budget > MAX_RETRY_SCHEDULE {
+            return Err(ConfigError::new(
+                "STRIPE_WAIT_BUDGET",
+                "stripe-wait-budget",
+                "longer than 12h: with the retry schedule (at most 12h) a payment could outlive \
+                 its Stripe idempotency key (24h) and get a second session",
+            ));
+        }
+        Ok(self.stripe_wait_budget)
     }
 
     /// The HTTP server's bounds.

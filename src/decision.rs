@@ -12,10 +12,13 @@
 //! | the retry copy was refused (after the wait queue was declared again) | park as `retry_unroutable` |
 //! | the parked or deferred copy was refused | requeue (nack) after a pause |
 //! | the channel failed | abandon: the broker redelivers |
+//! | a deferral of a payment first seen longer ago than the wait budget | park as `stripe_unavailable` ([`within_budget`]) |
 //!
 //! "Defer" is how an outage or a rate limit costs a payment nothing: a copy with the same
 //! attempt count goes to the back of the work queue, confirmed before the ack, where it waits
 //! while the circuit is open (the consumer is cancelled) or is paced when it comes round.
+
+use std::time::Duration;
 
 use crate::breaker::Spread;
 use crate::retry::ParkReason;
@@ -83,9 +86,34 @@ pub fn decide(attempt: u32, failure: Option<Class>, delays: &[Delay]) -> Action 
     }
 }
 
+/// Deferrals spend no attempt, so only time bounds them: a payment that would be deferred
+/// again after waiting longer than `budget` since it first arrived is parked
+/// `stripe_unavailable` instead, well before Stripe may forget its idempotency key. Any other
+/// action is returned as it is.
+pub fn within_budget(action: Action, waited: Duration, budget: Duration) -> Action {
+    match action {
+        Action::Defer if waited > budget => Action::Park(ParkReason::StripeUnavailable),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deferral_past_the_budget_parks() {
+        let (hour, budget) = (Duration::from_secs(3600), Duration::from_secs(6 * 3600));
+        assert_eq!(within_budget(Action::Defer, hour, budget), Action::Defer);
+        assert_eq!(within_budget(Action::Defer, budget, budget), Action::Defer);
+        assert_eq!(
+            within_budget(Action::Defer, budget + hour, budget),
+            Action::Park(ParkReason::StripeUnavailable)
+        );
+        let retry = Action::Retry(Delay::try_from("1s".to_owned()).unwrap());
+        assert_eq!(within_budget(retry.clone(), budget + hour, budget), retry, "only deferrals");
+        assert_eq!(within_budget(Action::Ack, budget + hour, budget), Action::Ack);
+    }
 
     fn delays() -> Vec<Delay> {
         ["1s", "2s", "4s"].iter().map(|d| Delay::try_from((*d).to_owned()).unwrap()).collect()

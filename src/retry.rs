@@ -33,6 +33,8 @@ pub const DEFERRALS: &str = "payment-deferrals";
 pub const PARK_REASON: &str = "payment-park-reason";
 pub const PARK_DETAIL: &str = "payment-park-detail";
 pub const PARKED_AT: &str = "payment-parked-at";
+/// How long the command had waited since it first arrived when it was parked, milliseconds.
+pub const WAITED_MS: &str = "payment-waited-ms";
 
 /// The original headers a copy had to leave out, named, with their size.
 pub const DROPPED_HEADERS: &str = "payment-dropped-headers";
@@ -66,6 +68,8 @@ pub enum ParkReason {
     /// Stripe replays a server error it saved under the trip's idempotency key: every retry
     /// with the key gets the same answer.
     StripeReplayedError,
+    /// Deferred (Stripe down or rate-limiting) for longer than the wait budget.
+    StripeUnavailable,
     /// Every attempt failed with a transient error.
     RetriesExhausted,
     /// The retry copy could not be published (no wait queue took it).
@@ -81,6 +85,7 @@ impl ParkReason {
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::StripeBadResponse => "stripe_bad_response",
             Self::StripeReplayedError => "stripe_replayed_error",
+            Self::StripeUnavailable => "stripe_unavailable",
             Self::RetriesExhausted => "retries_exhausted",
             Self::RetryUnroutable => "retry_unroutable",
         }
@@ -177,7 +182,14 @@ impl FailedAttempt<'_> {
         headers.insert(PARK_REASON.into(), long_string(reason.as_str()));
         headers.insert(PARK_DETAIL.into(), long_string(&truncate(self.error)));
         headers.insert(PARKED_AT.into(), AMQPValue::LongLongInt(ms_i64(self.now_ms)));
+        let waited = self.now_ms.saturating_sub(self.first_seen_ms());
+        headers.insert(WAITED_MS.into(), AMQPValue::LongLongInt(ms_i64(waited)));
         persistent(original).with_headers(headers)
+    }
+
+    /// When the command first arrived, Unix milliseconds: its first attempt's start.
+    pub fn first_seen_ms(&self) -> u64 {
+        self.state.first_seen_at.unwrap_or(self.started_ms)
     }
 
     /// Properties for the copy of `original` that goes back to the work queue without an

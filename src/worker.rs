@@ -39,7 +39,7 @@ use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use crate::breaker::{Signal, State};
 use crate::broker::{PublishError, Publisher, persistent_json};
 use crate::contract::{CreateSession, InvalidMessage};
-use crate::decision::{Action, Class, decide};
+use crate::decision::{Action, Class, decide, within_budget};
 use crate::error_chain;
 use crate::health::Readiness;
 use crate::metrics::Metrics;
@@ -118,6 +118,9 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     pub reconnect: ReconnectPolicy,
     pub urls: CheckoutUrls,
+    /// How long a payment may keep being deferred since it first arrived before it is parked
+    /// `stripe_unavailable` (see [`within_budget`]).
+    pub wait_budget: Duration,
 }
 
 /// Why the worker stopped without being asked to.
@@ -276,6 +279,7 @@ impl Worker {
             gateway: self.gateway.clone(),
             metrics: self.metrics.clone(),
             urls: self.settings.urls.clone(),
+            wait_budget: self.settings.wait_budget,
             publisher: opened.publisher,
             connection_failed: connection_failed.clone(),
         });
@@ -604,6 +608,7 @@ struct Handler {
     gateway: Arc<Gateway>,
     metrics: Arc<Metrics>,
     urls: CheckoutUrls,
+    wait_budget: Duration,
     publisher: Publisher,
     /// Cancelled when a publish finds the channel broken: the connection must start over.
     connection_failed: CancellationToken,
@@ -746,6 +751,18 @@ impl Handler {
             None => (decide(attempt.number, None, delays), String::new()),
             Some(f) => (decide(attempt.number, Some(f.class), delays), f.detail),
         };
+        let waited = Duration::from_millis(retry::now_ms().saturating_sub(attempt.first_seen_ms()));
+        if action == Action::Defer {
+            action = within_budget(action, waited, self.wait_budget);
+            if action != Action::Defer {
+                detail = format!(
+                    "deferred for {}s since it first arrived, past STRIPE_WAIT_BUDGET ({}s); \
+                     last: {detail}",
+                    waited.as_secs(),
+                    self.wait_budget.as_secs()
+                );
+            }
+        }
         loop {
             let failed =
                 FailedAttempt { now_ms: retry::now_ms(), error: &detail, ..attempt.clone() };

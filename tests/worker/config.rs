@@ -25,6 +25,7 @@ fn bad_settings_fail_fast_and_name_the_setting() {
         (("RABBITMQ_URI", "postgres://u:secret-pw@h/db"), "RABBITMQ_URI"),
         (("PAYMENT_TOPOLOGY", "/nonexistent/profile.toml"), "/nonexistent/profile.toml"),
         (("STRIPE_SECRET_KEY", "   "), "STRIPE_SECRET_KEY"),
+        (("STRIPE_WAIT_BUDGET", "13h"), "STRIPE_WAIT_BUDGET"),
     ] {
         let (code, stderr) = run(&["run"], &[env]);
         assert_ne!(code, Some(0), "{env:?} accepted");

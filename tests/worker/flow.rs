@@ -247,3 +247,29 @@ async fn one_payments_retry_after_does_not_hold_the_others() {
     assert!(world.stripe.seen_for("ra-429").len() >= 2, "it kept being tried");
     worker.stop().await.unwrap();
 }
+
+/// Deferrals spend no attempt, so only time bounds them: a payment Stripe keeps answering 429
+/// is parked `stripe_unavailable` once it has waited longer than `STRIPE_WAIT_BUDGET` since it
+/// first arrived, with the time it waited in a header; the others complete.
+#[tokio::test]
+async fn a_payment_deferred_past_the_wait_budget_is_parked() {
+    let world = World::new("wait-budget").await;
+    let worker = world.start_worker(&["--stripe-wait-budget", "2s"]).await;
+    world.stripe.script("always-429", (0..500).map(|_| Behaviour::rate_limited()));
+    world.client.send_command(&command("always-429", "u", 100.0, "USD")).await;
+    for i in 0..5 {
+        world.client.send_command(&command(&format!("wb-{i}"), "u", 100.0, "USD")).await;
+    }
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(20)).await;
+    assert_eq!(parked.len(), 1, "parked once past the budget");
+    assert_eq!(trip_of(&parked[0]), "always-429");
+    assert_eq!(
+        parked[0].header_string("payment-park-reason").as_deref(),
+        Some("stripe_unavailable")
+    );
+    let waited = parked[0].header_int("payment-waited-ms").unwrap_or(0);
+    assert!((2_000..20_000).contains(&waited), "waited {waited} ms");
+    assert_eq!(parked[0].header_int("payment-attempt"), Some(1), "still its first attempt");
+    assert_eq!(world.client.take(EVENTS, 5, Duration::from_secs(20)).await.len(), 5);
+    worker.stop().await.unwrap();
+}
