@@ -205,7 +205,7 @@ impl FailedAttempt<'_> {
             let first_failure = AMQPValue::LongLongInt(ms_i64(first_failure));
             headers.insert(FIRST_FAILURE_AT.into(), first_failure);
         }
-        let first_seen = self.state.first_seen_at.unwrap_or(self.started_ms);
+        let first_seen = self.first_seen_ms();
         headers.insert(FIRST_SEEN_AT.into(), AMQPValue::LongLongInt(ms_i64(first_seen)));
         let deferrals = i64::from(self.state.deferrals.saturating_add(1));
         headers.insert(DEFERRALS.into(), AMQPValue::LongLongInt(deferrals));
@@ -217,7 +217,7 @@ impl FailedAttempt<'_> {
 
     fn headers(&self, original: &BasicProperties) -> FieldTable {
         let mut headers = carried_headers(original, &[]);
-        let first_seen = self.state.first_seen_at.unwrap_or(self.started_ms);
+        let first_seen = self.first_seen_ms();
         let first_failure = self.state.first_failure_at.unwrap_or(self.now_ms);
         headers.insert(ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(self.number)));
         headers.insert(FIRST_SEEN_AT.into(), AMQPValue::LongLongInt(ms_i64(first_seen)));

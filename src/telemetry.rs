@@ -136,21 +136,18 @@ impl Telemetry {
     pub async fn shutdown(self) -> bool {
         let Some(provider) = self.provider else { return true };
         let flush = tokio::task::spawn_blocking(move || provider.shutdown());
-        match tokio::time::timeout(FLUSH_WITHIN, flush).await {
-            Ok(Ok(Ok(()))) => true,
-            Ok(Ok(Err(e))) => {
-                eprintln!("payment-worker: flushing spans: {e}");
-                true
-            }
-            Ok(Err(e)) => {
-                eprintln!("payment-worker: flushing spans: {e}");
-                true
-            }
-            Err(_) => {
-                eprintln!("payment-worker: spans not flushed within {FLUSH_WITHIN:?}; dropped");
-                false
-            }
+        let Ok(flushed) = tokio::time::timeout(FLUSH_WITHIN, flush).await else {
+            eprintln!("payment-worker: spans not flushed within {FLUSH_WITHIN:?}; dropped");
+            return false;
+        };
+        let failure = match flushed {
+            Ok(result) => result.err().map(|e| e.to_string()),
+            Err(panicked) => Some(panicked.to_string()),
+        };
+        if let Some(e) = failure {
+            eprintln!("payment-worker: flushing spans: {e}");
         }
+        true
     }
 }
 

@@ -751,8 +751,9 @@ impl Handler {
             None => (decide(attempt.number, None, delays), String::new()),
             Some(f) => (decide(attempt.number, Some(f.class), delays), f.detail),
         };
-        let waited = Duration::from_millis(retry::now_ms().saturating_sub(attempt.first_seen_ms()));
         if action == Action::Defer {
+            let since = retry::now_ms().saturating_sub(attempt.first_seen_ms());
+            let waited = Duration::from_millis(since);
             action = within_budget(action, waited, self.wait_budget);
             if action != Action::Defer {
                 detail = format!(

@@ -9,7 +9,7 @@ use testkit::otlp::{Collector, Span, SpanKind, StatusCode, attribute, hex};
 use testkit::pod::Pod;
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, World};
+use crate::helpers::{EVENTS, World, metric};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
@@ -208,16 +208,8 @@ async fn a_refusing_collector_is_counted_and_warned_about_once() {
         pay(&world, &format!("refused-{round}"), 100).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
-    let http = worker.http;
-    let metric = |name: &'static str| async move {
-        let (_, body) = testkit::http_get(http, "/metrics").await.unwrap();
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let failures = metric("payment_worker_trace_export_failures_total").await;
-    let dropped = metric("payment_worker_trace_spans_dropped_total").await;
+    let failures = metric(worker.http, "payment_worker_trace_export_failures_total").await;
+    let dropped = metric(worker.http, "payment_worker_trace_spans_dropped_total").await;
     stop(worker).await;
     let text = std::fs::read_to_string(&log).unwrap();
     std::fs::remove_file(&log).unwrap();
