@@ -1,36 +1,63 @@
-//! A circuit breaker over Stripe-wide failures, one per replica.
+//! Whose failure is it? The evidence about Stripe's health and the circuit breaker, one per
+//! replica.
 //!
-//! A pure state machine: every method takes the current time, so the unit tests drive it with
-//! a clock of their own. [`crate::flow`] owns one behind a mutex and publishes its state.
+//! A pure state machine: every method takes the current time, so the unit tests (and the
+//! controller's simulation in [`crate::flow`]) drive it with a clock of their own.
 //!
-//! * **Closed**: calls go through. Each answer is recorded in a sliding window of the last
-//!   `window` calls. The breaker opens when Stripe-wide failures of `consecutive` different
-//!   payments come in a row, or when the window holds at least `min_calls` answers of which
-//!   at least `failure_ratio` are Stripe-wide failures. One payment failing again and again
-//!   counts once in a row: alone, it is that payment's problem, not Stripe's.
-//! * **Open**: no call goes through until the cool-down has passed. The first cool-down is
-//!   `cooldown`; each failed probe doubles it, up to `max_cooldown`.
-//! * **Half-open**: exactly one call (the probe) goes through; other callers wait for its
-//!   answer. A probe that Stripe answers (a session, or any error that is not Stripe-wide)
-//!   closes the breaker and empties the window; a Stripe-wide failure opens it again.
+//! **Evidence.** Only a payment's first answer counts, and only while it is on its first
+//! attempt (deferrals keep it there; a payment that spent an attempt is a *suspect*): the
+//! window holds the first answer of each of the last `window` distinct payments, none older
+//! than [`HORIZON`]. A payment failing again and again is evidence about that payment, never
+//! more evidence about Stripe; a 429 is the pacer's business and is no evidence at all.
+//!
+//! **Grades.** A Stripe-wide failure (timeout, connection error, 5xx) is
+//!
+//! * *isolated* while most payments get answers: the window holds fewer than `min_calls`
+//!   payments, or less than `failure_ratio` of them failed. The payment spends an attempt, as
+//!   a 409 does: a sick payment follows its 1 s / 2 s / 4 s schedule and is parked after its
+//!   last attempt.
+//! * *widespread* when at least `failure_ratio` of at least `min_calls` payments failed (a
+//!   brownout), or `consecutive` payments failed and none was answered (an outage from cold).
+//!   No attempt is spent: the payment is deferred and tried again at the rate Stripe
+//!   accepts ([`crate::pacer`] throttles).
+//!
+//! **Circuit.** The full stop is for when nearly nothing gets through: the breaker opens when
+//! at least `open_ratio` (by default all) of the newest `min_calls` payments failed, or
+//! `consecutive` failed and none was answered. Open, no call goes through until `cooldown` has passed; each failed probe
+//! doubles it up to `max_cooldown` (by default the same: recovery is at most one cool-down
+//! after Stripe heals). Half-open, exactly one call, the probe, goes through; a payment that
+//! already spent an attempt is not taken as a probe (its failure would say nothing about
+//! Stripe) unless [`MAX_PROBE_SKIPS`] were skipped already, and then its failure re-opens
+//! the circuit without lengthening the cool-down. A probe that Stripe answers (a session, a
+//! 429, any error that is not Stripe-wide) closes the breaker and empties the window.
 //!
 //! Answers of calls admitted before the breaker opened, which arrive while it is open or
 //! half-open, change nothing: only the probe decides.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-/// When the breaker opens and how long it stays open.
+/// How long an answer stays evidence.
+pub const HORIZON: Duration = Duration::from_secs(10);
+
+/// Suspect payments passed over for the probe in one half-open period, at most; then one
+/// is taken, so a queue holding only suspects cannot keep the circuit open for ever.
+pub const MAX_PROBE_SKIPS: u32 = 10;
+
+/// When failures are Stripe's and when the circuit opens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerSettings {
-    /// How many recent answers the failure ratio is computed over.
+    /// Distinct payments whose first answers the shares are computed over.
     pub window: usize,
-    /// Answers the window must hold before the ratio can open the breaker.
+    /// Payments the window must hold before a share counts.
     pub min_calls: usize,
-    /// Share of Stripe-wide failures in the window that opens the breaker, in (0, 1].
+    /// Share of the window's payments failing Stripe-wide from which failures are Stripe's
+    /// (deferred, no attempt spent), in (0, 1].
     pub failure_ratio: f64,
-    /// Stripe-wide failures of different payments in a row that open the breaker whatever
-    /// the window says.
+    /// Share of the newest `min_calls` payments failing that opens the circuit, in
+    /// [`failure_ratio`, 1].
+    pub open_ratio: f64,
+    /// Payments failing with none answered that count as an outage before the window fills.
     pub consecutive: usize,
     /// The first cool-down after the breaker opens.
     pub cooldown: Duration,
@@ -41,12 +68,13 @@ pub struct BreakerSettings {
 impl Default for BreakerSettings {
     fn default() -> Self {
         Self {
-            window: 20,
-            min_calls: 10,
-            failure_ratio: 0.5,
+            window: 50,
+            min_calls: 20,
+            failure_ratio: 0.3,
+            open_ratio: 1.0,
             consecutive: 5,
             cooldown: Duration::from_secs(5),
-            max_cooldown: Duration::from_secs(60),
+            max_cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -96,43 +124,57 @@ pub enum Admission {
     Probe,
     /// A probe is out; ask again once it has answered.
     Wait,
-    /// The breaker is open until `until`.
+    /// The breaker is open until `until` (or half-open, and this payment is no probe).
     Refused { until: Instant },
 }
 
 /// How a recorded Stripe-wide failure stands among its neighbours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spread {
-    /// No other payment failed Stripe-wide since the last answer, and the breaker is closed:
-    /// treated like a failure of this payment.
+    /// Most payments get answers: treated like a failure of this payment.
     Isolated,
-    /// Part of a run of Stripe-wide failures of several payments, or the breaker is (now)
-    /// open: Stripe's fault.
+    /// A brownout or an outage, or the breaker is (now) open: Stripe's fault.
     Widespread,
+}
+
+/// One payment's standing in an answer: whether its calls are evidence about Stripe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller<'a> {
+    /// The trip id.
+    pub payment: &'a str,
+    /// It spent an attempt already: its failures are evidence about it, not about Stripe.
+    pub suspect: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inner {
     Closed,
     Open { until: Instant, cooldown: Duration },
-    HalfOpen { probing: bool, cooldown: Duration },
+    HalfOpen { probing: bool, cooldown: Duration, skipped: u32, suspect_probe: bool },
+}
+
+/// The first answer of one payment.
+#[derive(Debug)]
+struct Entry {
+    at: Instant,
+    payment: String,
+    failed: bool,
 }
 
 /// The breaker. See the module documentation.
 #[derive(Debug)]
 pub struct Breaker {
     settings: BreakerSettings,
-    /// The last answers, `true` for a Stripe-wide failure; at most `settings.window`.
-    window: VecDeque<bool>,
-    /// The payments whose Stripe-wide failures came in a row since the last answer, each
-    /// once.
-    streak: Vec<String>,
+    /// First answers, oldest first; at most `settings.window`, none older than [`HORIZON`].
+    window: VecDeque<Entry>,
+    /// The payments in `window`.
+    seen: HashSet<String>,
     inner: Inner,
 }
 
 impl Breaker {
     pub fn new(settings: BreakerSettings) -> Self {
-        Self { settings, window: VecDeque::new(), streak: Vec::new(), inner: Inner::Closed }
+        Self { settings, window: VecDeque::new(), seen: HashSet::new(), inner: Inner::Closed }
     }
 
     pub fn state(&self) -> State {
@@ -143,34 +185,49 @@ impl Breaker {
         }
     }
 
-    /// Whether a call may go out now; turns an expired open breaker half-open.
-    pub fn admit(&mut self, now: Instant) -> Admission {
+    /// Whether a call about a payment (`suspect`: it spent an attempt) may go out now; turns
+    /// an expired open breaker half-open.
+    pub fn admit(&mut self, now: Instant, suspect: bool) -> Admission {
+        if let Inner::Open { until, cooldown } = self.inner {
+            if now < until {
+                return Admission::Refused { until };
+            }
+            self.inner =
+                Inner::HalfOpen { probing: false, cooldown, skipped: 0, suspect_probe: false };
+        }
         match self.inner {
             Inner::Closed => Admission::Call,
-            Inner::Open { until, cooldown } if now >= until => {
-                self.inner = Inner::HalfOpen { probing: true, cooldown };
-                Admission::Probe
-            }
-            Inner::Open { until, .. } => Admission::Refused { until },
-            Inner::HalfOpen { probing: false, cooldown } => {
-                self.inner = Inner::HalfOpen { probing: true, cooldown };
-                Admission::Probe
-            }
             Inner::HalfOpen { probing: true, .. } => Admission::Wait,
+            Inner::HalfOpen { probing: false, cooldown, skipped, .. } => {
+                if suspect && skipped < MAX_PROBE_SKIPS {
+                    self.inner = Inner::HalfOpen {
+                        probing: false,
+                        cooldown,
+                        skipped: skipped + 1,
+                        suspect_probe: false,
+                    };
+                    return Admission::Refused { until: now };
+                }
+                self.inner =
+                    Inner::HalfOpen { probing: true, cooldown, skipped, suspect_probe: suspect };
+                Admission::Probe
+            }
+            Inner::Open { .. } => unreachable!("an open breaker was handled above"),
         }
     }
 
     /// The probe was admitted but made no call (its delivery was cancelled): the next caller
     /// probes instead.
     pub fn abandon_probe(&mut self) {
-        if let Inner::HalfOpen { cooldown, .. } = self.inner {
-            self.inner = Inner::HalfOpen { probing: false, cooldown };
+        if let Inner::HalfOpen { cooldown, skipped, .. } = self.inner {
+            self.inner =
+                Inner::HalfOpen { probing: false, cooldown, skipped, suspect_probe: false };
         }
     }
 
-    /// Records the answer to a call about `payment`. For a Stripe-wide failure, says how
+    /// Records the answer to a call about `caller`. For a Stripe-wide failure, says how
     /// widespread it is.
-    pub fn record(&mut self, now: Instant, signal: Signal, probe: bool, payment: &str) -> Spread {
+    pub fn record(&mut self, now: Instant, signal: Signal, probe: bool, caller: Caller) -> Spread {
         if probe {
             return self.record_probe(now, signal);
         }
@@ -178,46 +235,82 @@ impl Breaker {
             // A call admitted before the breaker opened: the probe decides, not this.
             return Spread::Widespread;
         }
+        self.expire(now);
         let failed = match signal {
             Signal::Throttled => return Spread::Isolated,
             Signal::Answered => false,
             Signal::Failed => true,
         };
-        self.window.push_back(failed);
-        if self.window.len() > self.settings.window {
-            self.window.pop_front();
+        if !caller.suspect && self.seen.insert(caller.payment.to_owned()) {
+            self.window.push_back(Entry { at: now, payment: caller.payment.to_owned(), failed });
+            if self.window.len() > self.settings.window {
+                self.pop();
+            }
         }
         if !failed {
-            self.streak.clear();
             return Spread::Isolated;
         }
-        if !self.streak.iter().any(|p| p == payment) {
-            self.streak.push(payment.to_owned());
-        }
-        let failures = self.window.iter().filter(|f| **f).count();
-        let ratio_trips = self.window.len() >= self.settings.min_calls
-            && failures as f64 >= self.settings.failure_ratio * self.window.len() as f64;
-        if self.streak.len() >= self.settings.consecutive || ratio_trips {
+        let (grade, open) = self.grade();
+        if open {
             self.open(now, self.settings.cooldown);
-            return Spread::Widespread;
         }
-        if self.streak.len() >= 2 { Spread::Widespread } else { Spread::Isolated }
+        grade
+    }
+
+    /// What the window says: the grade of a Stripe-wide failure now, and whether the circuit
+    /// should open (the newest `min_calls` payments failed at least `open_ratio` of the time,
+    /// or `consecutive` payments failed and none was answered).
+    fn grade(&self) -> (Spread, bool) {
+        let calls = self.window.len();
+        let failures = self.window.iter().filter(|e| e.failed).count();
+        if failures >= self.settings.consecutive && failures == calls {
+            return (Spread::Widespread, true);
+        }
+        if calls < self.settings.min_calls {
+            return (Spread::Isolated, false);
+        }
+        let newest = self.window.iter().rev().take(self.settings.min_calls);
+        let newest_failed = newest.filter(|e| e.failed).count() as f64;
+        if newest_failed >= self.settings.open_ratio * self.settings.min_calls as f64 {
+            (Spread::Widespread, true)
+        } else if failures as f64 >= self.settings.failure_ratio * calls as f64 {
+            (Spread::Widespread, false)
+        } else {
+            (Spread::Isolated, false)
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self.window.front().is_some_and(|e| now.saturating_duration_since(e.at) > HORIZON) {
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(entry) = self.window.pop_front() {
+            self.seen.remove(&entry.payment);
+        }
     }
 
     fn record_probe(&mut self, now: Instant, signal: Signal) -> Spread {
-        let Inner::HalfOpen { cooldown, .. } = self.inner else {
+        let Inner::HalfOpen { cooldown, suspect_probe, .. } = self.inner else {
             return Spread::Widespread;
         };
         match signal {
             Signal::Failed => {
-                let longer = cooldown.saturating_mul(2).min(self.settings.max_cooldown);
-                self.open(now, longer);
+                // A suspect's failure may be its own: it re-opens, it does not lengthen.
+                let next = if suspect_probe {
+                    cooldown
+                } else {
+                    cooldown.saturating_mul(2).min(self.settings.max_cooldown)
+                };
+                self.open(now, next);
                 Spread::Widespread
             }
             Signal::Answered | Signal::Throttled => {
                 self.inner = Inner::Closed;
                 self.window.clear();
-                self.streak.clear();
+                self.seen.clear();
                 Spread::Isolated
             }
         }
@@ -241,128 +334,168 @@ mod tests {
         format!("trip-{}", NEXT.fetch_add(1, Ordering::Relaxed))
     }
 
+    fn fresh(payment: &str) -> Caller<'_> {
+        Caller { payment, suspect: false }
+    }
+
     fn breaker() -> (Breaker, Instant) {
         (Breaker::new(BreakerSettings::default()), Instant::now())
     }
 
+    /// Records `n` fresh payments' answers, failing where `fail(i)`; returns the spreads of
+    /// the failures.
+    fn feed(b: &mut Breaker, now: Instant, n: usize, fail: impl Fn(usize) -> bool) -> Vec<Spread> {
+        (0..n)
+            .filter_map(|i| {
+                let signal = if fail(i) { Signal::Failed } else { Signal::Answered };
+                let spread = b.record(now, signal, false, fresh(&payment()));
+                fail(i).then_some(spread)
+            })
+            .collect()
+    }
+
     #[test]
-    fn five_failures_in_a_row_open_it() {
+    fn five_payments_failing_with_none_answered_open_it() {
         let (mut b, t0) = breaker();
-        assert_eq!(
-            b.record(t0, Signal::Failed, false, &payment()),
-            Spread::Isolated,
-            "the first is alone"
-        );
-        for _ in 0..3 {
-            assert_eq!(b.record(t0, Signal::Failed, false, &payment()), Spread::Widespread);
-            assert_eq!(b.state(), State::Closed);
-        }
-        assert_eq!(b.record(t0, Signal::Failed, false, &payment()), Spread::Widespread);
+        let spreads = feed(&mut b, t0, 5, |_| true);
+        assert_eq!(spreads[..4], [Spread::Isolated; 4], "too few to tell");
+        assert_eq!(spreads[4], Spread::Widespread);
         assert_eq!(b.state(), State::Open { until: t0 + 5 * SECOND });
-        assert_eq!(b.admit(t0 + SECOND), Admission::Refused { until: t0 + 5 * SECOND });
+        assert_eq!(b.admit(t0 + SECOND, false), Admission::Refused { until: t0 + 5 * SECOND });
     }
 
     #[test]
-    fn one_payment_failing_again_and_again_is_that_payments_problem() {
+    fn a_few_sick_payments_among_answered_ones_are_their_own_problem() {
         let (mut b, t0) = breaker();
-        for _ in 0..9 {
-            assert_eq!(b.record(t0, Signal::Failed, false, "poison"), Spread::Isolated);
-            assert_eq!(b.state(), State::Closed);
-        }
-        assert_eq!(b.record(t0, Signal::Failed, false, "other"), Spread::Widespread);
+        // 7 failing among 30, in the worst order: all of them last.
+        let spreads = feed(&mut b, t0, 30, |i| i >= 23);
+        assert!(spreads.iter().all(|s| *s == Spread::Isolated), "{spreads:?}");
+        assert_eq!(b.state(), State::Closed);
     }
 
     #[test]
-    fn half_the_window_failing_opens_it() {
+    fn one_payment_failing_again_and_again_is_evidence_once() {
         let (mut b, t0) = breaker();
-        for i in 0..9 {
-            let signal = if i % 2 == 0 { Signal::Failed } else { Signal::Answered };
-            b.record(t0, signal, false, &payment());
-        }
-        assert_eq!(b.state(), State::Closed, "9 answers are fewer than min_calls");
-        b.record(t0, Signal::Failed, false, &payment());
-        assert!(matches!(b.state(), State::Open { .. }), "6 of 10 failed");
-    }
-
-    #[test]
-    fn a_fifth_of_calls_failing_keeps_it_closed() {
-        let (mut b, t0) = breaker();
-        for i in 0..1000 {
-            let signal = if i % 5 == 0 { Signal::Failed } else { Signal::Answered };
-            assert_ne!(b.record(t0, signal, false, &payment()), Spread::Widespread);
+        feed(&mut b, t0, 20, |_| false);
+        for _ in 0..100 {
+            let poison = Caller { payment: "poison", suspect: false };
+            assert_eq!(b.record(t0, Signal::Failed, false, poison), Spread::Isolated);
+            let suspect = Caller { payment: "retried", suspect: true };
+            assert_eq!(b.record(t0, Signal::Failed, false, suspect), Spread::Isolated);
         }
         assert_eq!(b.state(), State::Closed);
+    }
+
+    #[test]
+    fn a_brownout_is_widespread_and_keeps_the_circuit_closed() {
+        let (mut b, t0) = breaker();
+        let spreads = feed(&mut b, t0, 200, |i| i % 2 == 0);
+        assert!(spreads[50..].iter().all(|s| *s == Spread::Widespread));
+        assert_eq!(b.state(), State::Closed, "half the calls get through: no full stop");
+    }
+
+    #[test]
+    fn nearly_nothing_getting_through_opens_it() {
+        let (mut b, t0) = breaker();
+        feed(&mut b, t0, 50, |_| false);
+        let spreads = feed(&mut b, t0, 19, |_| true);
+        assert_eq!(b.state(), State::Closed, "19 of the newest 20 failed");
+        assert_eq!(*spreads.last().unwrap(), Spread::Widespread);
+        let spreads = feed(&mut b, t0, 1, |_| true);
+        assert_eq!(b.state(), State::Open { until: t0 + 5 * SECOND }, "the newest 20 failed");
+        assert_eq!(*spreads.last().unwrap(), Spread::Widespread);
+    }
+
+    #[test]
+    fn old_answers_are_no_evidence() {
+        let (mut b, t0) = breaker();
+        feed(&mut b, t0, 50, |_| false);
+        let later = t0 + HORIZON + SECOND;
+        let spreads = feed(&mut b, later, 5, |_| true);
+        assert_eq!(spreads[4], Spread::Widespread, "the old answers expired");
+        assert!(matches!(b.state(), State::Open { .. }));
     }
 
     #[test]
     fn rate_limits_neither_open_nor_heal_it() {
         let (mut b, t0) = breaker();
-        for _ in 0..4 {
-            b.record(t0, Signal::Failed, false, &payment());
-        }
+        feed(&mut b, t0, 4, |_| true);
         for _ in 0..100 {
-            b.record(t0, Signal::Throttled, false, &payment());
+            b.record(t0, Signal::Throttled, false, fresh(&payment()));
         }
         assert_eq!(b.state(), State::Closed);
-        b.record(t0, Signal::Failed, false, &payment());
-        assert!(matches!(b.state(), State::Open { .. }), "the streak survived the 429s");
+        feed(&mut b, t0, 1, |_| true);
+        assert!(matches!(b.state(), State::Open { .. }), "the 429s were no evidence");
     }
 
     #[test]
     fn one_probe_per_cooldown_and_the_cooldown_doubles_up_to_the_cap() {
-        let (mut b, t0) = breaker();
-        for _ in 0..5 {
-            b.record(t0, Signal::Failed, false, &payment());
-        }
+        let settings = BreakerSettings { max_cooldown: 60 * SECOND, ..Default::default() };
+        let (mut b, t0) = (Breaker::new(settings), Instant::now());
+        feed(&mut b, t0, 5, |_| true);
         let mut now = t0;
         for expected in [5, 10, 20, 40, 60, 60] {
             let State::Open { until } = b.state() else { panic!("open") };
             assert_eq!(until - now, expected * SECOND);
-            assert!(matches!(b.admit(until - Duration::from_millis(1)), Admission::Refused { .. }));
+            let early = until - Duration::from_millis(1);
+            assert!(matches!(b.admit(early, false), Admission::Refused { .. }));
             now = until;
-            assert_eq!(b.admit(now), Admission::Probe);
+            assert_eq!(b.admit(now, false), Admission::Probe);
             assert_eq!(b.state(), State::HalfOpen);
-            assert_eq!(b.admit(now), Admission::Wait, "only one probe");
-            b.record(now, Signal::Failed, true, &payment());
+            assert_eq!(b.admit(now, false), Admission::Wait, "only one probe");
+            b.record(now, Signal::Failed, true, fresh(&payment()));
         }
         let State::Open { until } = b.state() else { panic!("open") };
-        assert_eq!(b.admit(until), Admission::Probe);
-        b.record(until, Signal::Answered, true, &payment());
+        assert_eq!(b.admit(until, false), Admission::Probe);
+        b.record(until, Signal::Answered, true, fresh(&payment()));
         assert_eq!(b.state(), State::Closed);
-        assert_eq!(b.admit(until), Admission::Call);
+        assert_eq!(b.admit(until, false), Admission::Call);
         // Closed again with an empty window and the first cool-down.
-        for _ in 0..5 {
-            b.record(until, Signal::Failed, false, &payment());
-        }
+        feed(&mut b, until, 5, |_| true);
         assert_eq!(b.state(), State::Open { until: until + 5 * SECOND });
+    }
+
+    #[test]
+    fn suspects_are_passed_over_for_the_probe_and_their_failure_does_not_lengthen_it() {
+        let settings = BreakerSettings { max_cooldown: 60 * SECOND, ..Default::default() };
+        let (mut b, t0) = (Breaker::new(settings), Instant::now());
+        feed(&mut b, t0, 5, |_| true);
+        let now = t0 + 5 * SECOND;
+        for _ in 0..MAX_PROBE_SKIPS {
+            assert_eq!(b.admit(now, true), Admission::Refused { until: now });
+        }
+        assert_eq!(b.admit(now, true), Admission::Probe, "only suspects wait: one is taken");
+        b.record(now, Signal::Failed, true, Caller { payment: "sick", suspect: true });
+        assert_eq!(b.state(), State::Open { until: now + 5 * SECOND }, "not doubled");
+        // A fresh payment probes at once.
+        let now = now + 5 * SECOND;
+        assert_eq!(b.admit(now, false), Admission::Probe);
+        b.record(now, Signal::Failed, true, fresh("fresh"));
+        assert_eq!(b.state(), State::Open { until: now + 10 * SECOND }, "doubled");
     }
 
     #[test]
     fn a_throttled_probe_closes_it() {
         let (mut b, t0) = breaker();
-        for _ in 0..5 {
-            b.record(t0, Signal::Failed, false, &payment());
-        }
-        assert_eq!(b.admit(t0 + 5 * SECOND), Admission::Probe);
-        b.record(t0 + 5 * SECOND, Signal::Throttled, true, &payment());
+        feed(&mut b, t0, 5, |_| true);
+        assert_eq!(b.admit(t0 + 5 * SECOND, false), Admission::Probe);
+        b.record(t0 + 5 * SECOND, Signal::Throttled, true, fresh(&payment()));
         assert_eq!(b.state(), State::Closed);
     }
 
     #[test]
     fn late_answers_change_nothing_and_an_abandoned_probe_is_handed_on() {
         let (mut b, t0) = breaker();
-        for _ in 0..5 {
-            b.record(t0, Signal::Failed, false, &payment());
-        }
+        feed(&mut b, t0, 5, |_| true);
         let open = b.state();
-        assert_eq!(b.record(t0, Signal::Answered, false, &payment()), Spread::Widespread);
-        assert_eq!(b.record(t0, Signal::Failed, false, &payment()), Spread::Widespread);
+        assert_eq!(b.record(t0, Signal::Answered, false, fresh(&payment())), Spread::Widespread);
+        assert_eq!(b.record(t0, Signal::Failed, false, fresh(&payment())), Spread::Widespread);
         assert_eq!(b.state(), open, "a late answer neither closes nor extends it");
         let later = t0 + 5 * SECOND;
-        assert_eq!(b.admit(later), Admission::Probe);
+        assert_eq!(b.admit(later, false), Admission::Probe);
         b.abandon_probe();
-        assert_eq!(b.admit(later), Admission::Probe, "the next caller probes");
-        b.record(later, Signal::Answered, false, &payment());
+        assert_eq!(b.admit(later, false), Admission::Probe, "the next caller probes");
+        b.record(later, Signal::Answered, false, fresh(&payment()));
         assert_eq!(b.state(), State::HalfOpen, "only the probe's answer closes it");
     }
 }

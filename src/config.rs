@@ -143,46 +143,61 @@ pub struct RunArgs {
     #[arg(long, env = "STRIPE_MAX_RPS", value_parser = parse_rate)]
     pub stripe_max_rps: Option<f64>,
 
-    /// Stripe requests per second at start, before the rate adapts.
-    #[arg(long, env = "STRIPE_INITIAL_RPS", default_value_t = 10.0, value_parser = parse_rate)]
+    /// Stripe requests per second until the first 429: the burst a cold replica may send at
+    /// once (Stripe's documented limit for Checkout Sessions is 25 a second).
+    #[arg(long, env = "STRIPE_INITIAL_RPS", default_value_t = 25.0, value_parser = parse_rate)]
     pub stripe_initial_rps: f64,
 
     /// The adaptive Stripe rate never goes below this many requests per second.
     #[arg(long, env = "STRIPE_MIN_RPS", default_value_t = 1.0, value_parser = parse_rate)]
     pub stripe_min_rps: f64,
 
-    /// Requests per second the rate grows by each second it is the bottleneck, after the
-    /// first 429 (before it, the rate doubles each second).
+    /// Requests per second the rate grows by for each second it is the bottleneck.
     #[arg(long, env = "STRIPE_RATE_INCREASE", default_value_t = 2.0, value_parser = parse_rate)]
     pub stripe_rate_increase: f64,
 
-    /// Factor a 429 multiplies the rate by (at most once a second), between 0 and 1.
-    #[arg(long, env = "STRIPE_RATE_DECREASE", default_value_t = 0.7, value_parser = parse_fraction)]
+    /// The most a 429 leaves of the rate (it is cut to what Stripe accepted in the last
+    /// second, and at least by this factor; at most once a second), between 0 and 1.
+    #[arg(long, env = "STRIPE_RATE_DECREASE", default_value_t = 0.9, value_parser = parse_fraction)]
     pub stripe_rate_decrease: f64,
 
-    /// Stripe-wide failures (timeouts, connection errors, 5xx) of different payments in a row
-    /// that open the circuit.
+    /// Adaptive throttling's K: while Stripe fails, calls per call it accepts over the last
+    /// 10 s before calls are held back to K times the accepted rate; at least 1.
+    #[arg(long, env = "STRIPE_THROTTLE_K", default_value_t = 2.0, value_parser = parse_multiplier)]
+    pub stripe_throttle_k: f64,
+
+    /// Payments failing Stripe-wide with none answered that count as an outage before the
+    /// window holds STRIPE_BREAKER_MIN_CALLS payments.
     #[arg(long, env = "STRIPE_BREAKER_CONSECUTIVE", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub stripe_breaker_consecutive: u32,
 
-    /// How many recent Stripe answers the breaker's failure ratio is computed over.
-    #[arg(long, env = "STRIPE_BREAKER_WINDOW", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// How many recent payments (the first answer of each, on its first attempt, at most
+    /// 10 s old) the failure shares are computed over.
+    #[arg(long, env = "STRIPE_BREAKER_WINDOW", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub stripe_breaker_window: u32,
 
-    /// Answers the window must hold before the failure ratio can open the circuit.
-    #[arg(long, env = "STRIPE_BREAKER_MIN_CALLS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// Payments the window must hold before a failure share counts.
+    #[arg(long, env = "STRIPE_BREAKER_MIN_CALLS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub stripe_breaker_min_calls: u32,
 
-    /// Share of Stripe-wide failures in the window that opens the circuit, above 0 and up to 1.
-    #[arg(long, env = "STRIPE_BREAKER_FAILURE_RATIO", default_value_t = 0.5, value_parser = parse_ratio)]
+    /// Share of the window's payments failing Stripe-wide from which failures are Stripe's
+    /// (deferred, no attempt spent) rather than each payment's own; above 0, at most 1.
+    #[arg(long, env = "STRIPE_BREAKER_FAILURE_RATIO", default_value_t = 0.3, value_parser = parse_ratio)]
     pub stripe_breaker_failure_ratio: f64,
 
-    /// How long the circuit stays open before one probe; doubles while probes fail.
+    /// Share of the newest STRIPE_BREAKER_MIN_CALLS payments failing Stripe-wide that opens
+    /// the circuit (nearly nothing gets through); at least STRIPE_BREAKER_FAILURE_RATIO, at
+    /// most 1.
+    #[arg(long, env = "STRIPE_BREAKER_OPEN_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub stripe_breaker_open_ratio: f64,
+
+    /// How long the circuit stays open before one probe.
     #[arg(long, env = "STRIPE_BREAKER_COOLDOWN", default_value = "5s", value_parser = parse_duration)]
     pub stripe_breaker_cooldown: Duration,
 
-    /// The longest cool-down between probes.
-    #[arg(long, env = "STRIPE_BREAKER_MAX_COOLDOWN", default_value = "60s", value_parser = parse_duration)]
+    /// The longest cool-down: each failed probe doubles it up to this (the default, the same
+    /// as the cool-down, keeps recovery within one cool-down of Stripe's return).
+    #[arg(long, env = "STRIPE_BREAKER_MAX_COOLDOWN", default_value = "5s", value_parser = parse_duration)]
     pub stripe_breaker_max_cooldown: Duration,
 
     /// How often queue depths are read from the broker for metrics.
@@ -276,6 +291,17 @@ impl RunArgs {
                 ),
             ));
         }
+        if self.stripe_breaker_open_ratio < self.stripe_breaker_failure_ratio {
+            return Err(ConfigError::new(
+                "STRIPE_BREAKER_OPEN_RATIO",
+                "stripe-breaker-open-ratio",
+                format!(
+                    "{} is below STRIPE_BREAKER_FAILURE_RATIO ({}): the circuit would open on \
+                     failures still counted as the payments' own",
+                    self.stripe_breaker_open_ratio, self.stripe_breaker_failure_ratio
+                ),
+            ));
+        }
         if self.stripe_breaker_cooldown > self.stripe_breaker_max_cooldown {
             return Err(ConfigError::new(
                 "STRIPE_BREAKER_COOLDOWN",
@@ -290,6 +316,7 @@ impl RunArgs {
             window: self.stripe_breaker_window as usize,
             min_calls: self.stripe_breaker_min_calls as usize,
             failure_ratio: self.stripe_breaker_failure_ratio,
+            open_ratio: self.stripe_breaker_open_ratio,
             consecutive: self.stripe_breaker_consecutive as usize,
             cooldown: self.stripe_breaker_cooldown,
             max_cooldown: self.stripe_breaker_max_cooldown,
@@ -316,6 +343,7 @@ impl RunArgs {
             max: self.stripe_max_rps,
             increase: self.stripe_rate_increase,
             decrease: self.stripe_rate_decrease,
+            k: self.stripe_throttle_k,
         })
     }
 
@@ -377,6 +405,14 @@ fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(f) if f > 0.0 && f < 1.0 => Ok(f),
         _ => Err("must be a number between 0 and 1 (exclusive), e.g. 0.7".into()),
+    }
+}
+
+/// A multiplier of at least 1.
+fn parse_multiplier(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(k) if k.is_finite() && (1.0..=100.0).contains(&k) => Ok(k),
+        _ => Err("must be a number from 1 to 100, e.g. 2".into()),
     }
 }
 
@@ -455,7 +491,9 @@ mod tests {
             (&["--stripe-rate-decrease", "1"][..], "STRIPE_RATE_DECREASE"),
             (&["--stripe-breaker-failure-ratio", "0"][..], "STRIPE_BREAKER_FAILURE_RATIO"),
             (&["--stripe-breaker-consecutive", "0"][..], "STRIPE_BREAKER_CONSECUTIVE"),
-            (&["--stripe-breaker-min-calls", "30"][..], "STRIPE_BREAKER_MIN_CALLS"),
+            (&["--stripe-breaker-min-calls", "60"][..], "STRIPE_BREAKER_MIN_CALLS"),
+            (&["--stripe-breaker-open-ratio", "0.2"][..], "STRIPE_BREAKER_OPEN_RATIO"),
+            (&["--stripe-throttle-k", "0.5"][..], "STRIPE_THROTTLE_K"),
             (&["--stripe-breaker-cooldown", "2m"][..], "STRIPE_BREAKER_COOLDOWN"),
             (&["--stripe-breaker-max-cooldown", "0s"][..], "STRIPE_BREAKER_MAX_COOLDOWN"),
         ] {

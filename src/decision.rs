@@ -6,17 +6,21 @@
 //! | nothing | ack (the event is confirmed) |
 //! | the message or Stripe's answer is wrong for good | park with the reason |
 //! | a failure of this payment that may pass (409, 424, an event publish refused), or an isolated Stripe-wide failure | retry in the next tier, an attempt spent; park as `retries_exhausted` after the last |
-//! | a Stripe-wide failure among others, or as the circuit opens | defer: back to the work queue, no attempt spent |
-//! | a 429 | defer |
-//! | the circuit is open (no call made) | defer |
+//! | a Stripe-wide failure in a brownout or outage, or as the circuit opens | defer for the first retry delay: through its wait queue, no attempt spent |
+//! | a 429 | defer for the first retry delay |
+//! | the circuit is open (no call made) | defer: back to the work queue at once, no attempt spent |
 //! | the retry copy was refused (after the wait queue was declared again) | park as `retry_unroutable` |
 //! | the parked or deferred copy was refused | requeue (nack) after a pause |
 //! | the channel failed | abandon: the broker redelivers |
 //! | a deferral of a payment first seen longer ago than the wait budget | park as `stripe_unavailable` ([`within_budget`]) |
 //!
 //! "Defer" is how an outage or a rate limit costs a payment nothing: a copy with the same
-//! attempt count goes to the back of the work queue, confirmed before the ack, where it waits
-//! while the circuit is open (the consumer is cancelled) or is paced when it comes round.
+//! attempt count, confirmed before the ack, goes back to the work queue, where it waits while
+//! the circuit is open (the consumer is cancelled) or is paced when it comes round. A payment
+//! whose own call just failed Stripe-wide or was answered 429 waits the first retry delay
+//! (1 s) in its wait queue on the way: a brownout costs it a second per failed call, and
+//! failed calls cannot come straight back to fail again as fast as the broker turns them
+//! round.
 
 use std::time::Duration;
 
@@ -56,6 +60,8 @@ pub enum Action {
     Retry(Delay),
     /// Publish a copy with the attempt count unchanged to the work queue, then ack.
     Defer,
+    /// Publish a copy with the attempt count unchanged into this delay's wait queue, then ack.
+    DeferFor(Delay),
     /// Publish a parked copy, then ack.
     Park(ParkReason),
     /// Nack with requeue after a pause.
@@ -77,9 +83,10 @@ pub fn decide(attempt: u32, failure: Option<Class>, delays: &[Delay]) -> Action 
                 None => Action::Park(ParkReason::RetriesExhausted),
             }
         }
-        Class::StripeWide(Spread::Widespread) | Class::RateLimited | Class::CircuitOpen => {
-            Action::Defer
+        Class::StripeWide(Spread::Widespread) | Class::RateLimited => {
+            delays.first().map_or(Action::Defer, |first| Action::DeferFor(first.clone()))
         }
+        Class::CircuitOpen => Action::Defer,
         Class::RetryRefused => Action::Park(ParkReason::RetryUnroutable),
         Class::ParkRefused | Class::DeferRefused => Action::Requeue,
         Class::Channel => Action::Abandon,
@@ -92,7 +99,9 @@ pub fn decide(attempt: u32, failure: Option<Class>, delays: &[Delay]) -> Action 
 /// action is returned as it is.
 pub fn within_budget(action: Action, waited: Duration, budget: Duration) -> Action {
     match action {
-        Action::Defer if waited > budget => Action::Park(ParkReason::StripeUnavailable),
+        Action::Defer | Action::DeferFor(_) if waited > budget => {
+            Action::Park(ParkReason::StripeUnavailable)
+        }
         other => other,
     }
 }
@@ -113,14 +122,24 @@ mod tests {
         let retry = Action::Retry(Delay::try_from("1s".to_owned()).unwrap());
         assert_eq!(within_budget(retry.clone(), budget + hour, budget), retry, "only deferrals");
         assert_eq!(within_budget(Action::Ack, budget + hour, budget), Action::Ack);
+        let later = Action::DeferFor(Delay::try_from("1s".to_owned()).unwrap());
+        assert_eq!(within_budget(later.clone(), hour, budget), later);
+        assert_eq!(
+            within_budget(later, budget + hour, budget),
+            Action::Park(ParkReason::StripeUnavailable)
+        );
     }
 
     fn delays() -> Vec<Delay> {
         ["1s", "2s", "4s"].iter().map(|d| Delay::try_from((*d).to_owned()).unwrap()).collect()
     }
 
+    fn delay(label: &str) -> Delay {
+        Delay::try_from(label.to_owned()).unwrap()
+    }
+
     fn retry(label: &str) -> Action {
-        Action::Retry(Delay::try_from(label.to_owned()).unwrap())
+        Action::Retry(delay(label))
     }
 
     #[test]
@@ -145,10 +164,10 @@ mod tests {
             (1, Some(isolated), retry("1s")),
             (3, Some(isolated), retry("4s")),
             (4, Some(isolated), Park(RetriesExhausted)),
-            (1, Some(widespread), Defer),
-            (4, Some(widespread), Defer),
-            (1, Some(Class::RateLimited), Defer),
-            (4, Some(Class::RateLimited), Defer),
+            (1, Some(widespread), DeferFor(delay("1s"))),
+            (4, Some(widespread), DeferFor(delay("1s"))),
+            (1, Some(Class::RateLimited), DeferFor(delay("1s"))),
+            (4, Some(Class::RateLimited), DeferFor(delay("1s"))),
             (1, Some(Class::CircuitOpen), Defer),
             (4, Some(Class::CircuitOpen), Defer),
             (1, Some(Class::RetryRefused), Park(RetryUnroutable)),

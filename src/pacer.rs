@@ -1,115 +1,231 @@
-//! An adaptive request rate for Stripe, one per replica: AIMD over requests per second.
+//! How fast to call Stripe, one per replica: a per-second limit like Stripe's own, adapted to
+//! its 429s (AIMD), and throttled in proportion to what Stripe accepts when it fails.
 //!
-//! Stripe limits a *rate* (25 Checkout Session requests a second in test mode, 100 requests a
-//! second per live account) and answers fast, so bounding concurrency cannot keep a worker
-//! under it: one call at a time at 20 ms is already 50 a second. Calls are therefore paced:
-//! each gets a slot `1 / rate` after the previous one, without bursts.
+//! Stripe counts requests per second (25 Checkout Session requests a second, in test and live
+//! mode), so the pacer does too: a call may go out when fewer than `rate` calls went out in
+//! the last second (for a fractional rate, `⌈rate⌉` calls in `⌈rate⌉ / rate` seconds). A cold
+//! worker therefore sends a burst of up to `initial` calls at once, Stripe's documented limit,
+//! and is paced only once that is spent.
 //!
-//! * **Increase**, only while the pacer is the bottleneck (a call had to wait for its slot):
-//!   until the first 429 the rate grows by one request per second for every call (it doubles
-//!   each second, like TCP's slow start), afterwards by `increase` requests per second each
-//!   second.
-//! * **Decrease** on a 429: the rate is multiplied by `decrease`, at most once a second
-//!   (Stripe counts requests per second): a 429 for a call sent less than a second after the
-//!   last cut still reflects the old rate.
-//! * `Retry-After` on a 429 or 503 holds every slot back until it has passed (at most 60 s).
+//! * **Increase**, only while the rate is the bottleneck (a call had to wait because the
+//!   second was full, not for a throttle or a `Retry-After`, or took its last slot): by `increase` requests per
+//!   second for each second of such calls; below half the rate before the last cut (after
+//!   a 429 storm cut it to the floor), by one request per call: the rate doubles each second,
+//!   as TCP's slow start does. A slow Stripe never fills the second (calls are
+//!   bounded by the deliveries in flight), so the rate does not grow past what is sent.
+//! * **Decrease** on a 429 while calls went out at the rate: to what passed Stripe's limiter
+//!   in the last second (every answer but the 429s), and at least by the factor `decrease`,
+//!   at most once a second (a 429 for a call sent less than a second after the last cut still
+//!   reflects the old rate). A 429 while sending below the rate (a brownout's, another
+//!   client's) cuts nothing: the payment is deferred all the same. Two replicas sharing one account each find
+//!   their share at the first cut.
+//! * **Throttle** (client-side adaptive throttling, Google SRE book, "Handling Overload"):
+//!   where the book rejects a request locally with probability
+//!   `max(0, (calls − k × accepted) / (calls + 1))` over a sliding window, here (the last
+//!   [`HORIZON`]) the rate is multiplied by one minus that share: the caller waits for a
+//!   slot instead of being turned away, since its delivery can wait unacked. In a brownout
+//!   where half the calls fail, `k = 2` holds nothing back; at 70 % failing it lets 60 % of
+//!   the rate through; when nothing gets through, the calls fall to `min` a second until the
+//!   breaker opens. One failure with no answer yet halves the rate, not more. 429s count on
+//!   neither side: they are the limit's business.
+//! * `Retry-After` on a 429 or 503 holds every call back until it has passed (at most 60 s).
 //!   It is about the rate, not one payment: the payment that armed the last hold cannot arm
 //!   the next one, so one payment answered `Retry-After` again and again cannot hold up all
 //!   the others; another payment's, or a success in between, can.
 //!
 //! A pure state machine like [`crate::breaker`]: methods take the time.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+pub use crate::breaker::HORIZON;
 
 /// The longest `Retry-After` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
-/// How long after a cut a 429 still reflects the rate before the cut.
-const CUT_ROUND: Duration = Duration::from_secs(1);
+/// How long after a cut a 429 still reflects the rate before the cut; also how far back
+/// "what Stripe accepted" looks.
+const ROUND: Duration = Duration::from_secs(1);
 
 /// Where the rate starts and how it moves.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PacerSettings {
-    /// Requests per second at start.
+    /// Requests per second until the first 429: the burst a cold worker may send at once.
     pub initial: f64,
     /// The rate never goes below this.
     pub min: f64,
     /// The rate never goes above this (an operator's share of the account's limit).
     pub max: Option<f64>,
-    /// Requests per second added each second of saturated calls, after the first 429.
+    /// Requests per second added for each second the rate is the bottleneck.
     pub increase: f64,
-    /// The factor a 429 multiplies the rate by, in (0, 1).
+    /// The most a 429 leaves of the rate, in (0, 1).
     pub decrease: f64,
+    /// Calls allowed per call Stripe accepts before the throttle holds calls back, ≥ 1.
+    pub k: f64,
 }
 
 impl Default for PacerSettings {
     fn default() -> Self {
-        Self { initial: 10.0, min: 1.0, max: None, increase: 2.0, decrease: 0.7 }
+        Self { initial: 25.0, min: 1.0, max: None, increase: 2.0, decrease: 0.9, k: 2.0 }
     }
 }
 
-/// A reserved slot: when the call may go out, and whether it had to wait for it.
+/// A slot taken: when the call went out, whether it had to wait for it, and whether the
+/// rate (not a throttle or a hold) was what it waited for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
     pub at: Instant,
     pub waited: bool,
+    pub paced: bool,
+}
+
+/// The answer to "may this call go out now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Yes: the slot is taken.
+    Go(Slot),
+    /// No: ask again at `at`. `paced`: the rate (not a throttle or a hold) is the reason.
+    Later { at: Instant, paced: bool },
 }
 
 /// The pacer. See the module documentation.
 #[derive(Debug)]
 pub struct Pacer {
     settings: PacerSettings,
-    /// Requests per second now.
+    /// Requests per second now, as adapted to 429s.
     rate: f64,
-    /// The earliest time the next slot can be handed out.
-    next: Instant,
-    /// No 429 seen yet: grow fast.
-    slow_start: bool,
-    /// When the rate was last cut.
-    last_cut: Option<Instant>,
+    /// Below this rate, growth doubles the rate each second (TCP's slow-start threshold):
+    /// half the rate before the last cut.
+    threshold: f64,
+    /// When the last slots go out, oldest first (the last `2 × ⌈rate⌉`).
+    slots: VecDeque<Instant>,
+    /// No slot before this (`Retry-After`).
+    not_before: Instant,
+    /// When the rate was last cut, and the payment whose 429 cut it.
+    last_cut: Option<(Instant, String)>,
     /// The payment whose `Retry-After` set the last hold, until an answer comes in between.
     held_by: Option<String>,
+    /// Answers of the last [`ROUND`] by send time, `true` for a 429.
+    recent: VecDeque<(Instant, bool)>,
+    /// When a call last found the rate the bottleneck (it waited for it, or filled the
+    /// window).
+    last_paced: Option<Instant>,
+    /// Answers of the last [`HORIZON`] that say something about Stripe's health, `true` when
+    /// Stripe accepted the call.
+    health: VecDeque<(Instant, bool)>,
 }
 
 impl Pacer {
     pub fn new(settings: PacerSettings, now: Instant) -> Self {
         let rate = clamp(settings.initial, &settings);
-        Self { settings, rate, next: now, slow_start: true, last_cut: None, held_by: None }
+        Self {
+            settings,
+            rate,
+            threshold: 0.0,
+            slots: VecDeque::new(),
+            not_before: now,
+            last_cut: None,
+            held_by: None,
+            recent: VecDeque::new(),
+            last_paced: None,
+            health: VecDeque::new(),
+        }
     }
 
-    /// Requests per second now.
+    /// Requests per second now, as adapted to 429s.
     pub fn rate(&self) -> f64 {
         self.rate
     }
 
-    /// Reserves the next slot.
-    pub fn reserve(&mut self, now: Instant) -> Slot {
-        let at = self.next.max(now);
-        self.next = at + Duration::from_secs_f64(1.0 / self.rate);
-        Slot { at, waited: at > now }
+    /// The rate calls may go out at now: the adapted rate, less the share adaptive
+    /// throttling would reject, `max(0, (calls − k × accepted) / (calls + 1))` over the last
+    /// [`HORIZON`], and never below `min`.
+    pub fn allowed(&mut self, now: Instant) -> f64 {
+        while self
+            .health
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > HORIZON)
+        {
+            self.health.pop_front();
+        }
+        let calls = self.health.len() as f64;
+        let accepted = self.health.iter().filter(|(_, ok)| *ok).count() as f64;
+        let reject = ((calls - self.settings.k * accepted) / (calls + 1.0)).max(0.0);
+        clamp(self.rate * (1.0 - reject), &self.settings).min(self.rate)
+    }
+
+    /// Takes a slot now if one is free; else says when to ask again. Nothing is booked
+    /// ahead: a caller told to wait asks again, at the rate of that moment, so calls held at
+    /// a low rate go as soon as the rate grows. `waited`: how the caller waited so far (`None`:
+    /// it did not; `Some(paced)`: it was told [`Turn::Later`], for the rate if `paced`).
+    pub fn take(&mut self, now: Instant, waited: Option<bool>) -> Turn {
+        let allowed = self.allowed(now);
+        let per_window = allowed.ceil().max(1.0);
+        let window = Duration::from_secs_f64(per_window / allowed);
+        let n = per_window as usize;
+        let full = (self.slots.len() >= n).then(|| self.slots[self.slots.len() - n] + window);
+        let free = full.unwrap_or(now).max(self.not_before);
+        if free > now {
+            let paced = full.is_some_and(|f| f >= self.not_before) && allowed >= self.rate;
+            return Turn::Later { at: free, paced };
+        }
+        self.slots.push_back(now);
+        // Twice what the window needs: a rate that grew (at most doubled) still finds its
+        // last second's slots.
+        while self.slots.len() > 2 * n {
+            self.slots.pop_front();
+        }
+        // This call filled the window: demand reached the rate, whoever asked first.
+        let filled = self.slots.len() >= n && self.slots[self.slots.len() - n] + window > now;
+        let paced = waited == Some(true) || filled;
+        if paced {
+            self.last_paced = Some(now);
+        }
+        Turn::Go(Slot { at: now, waited: waited.is_some(), paced })
     }
 
     /// Stripe answered a call (not a 429, not a failure of Stripe's). Grows the rate if the
-    /// call had waited for its slot.
-    pub fn on_answer(&mut self, slot: Slot) {
+    /// rate was what the call waited for.
+    pub fn on_answer(&mut self, now: Instant, slot: Slot) {
         self.held_by = None;
-        if !slot.waited {
-            return;
+        self.note(now, slot.at, false);
+        self.health.push_back((now, true));
+        if slot.paced {
+            let step =
+                if self.rate < self.threshold { 1.0 } else { self.settings.increase / self.rate };
+            self.rate = clamp(self.rate + step, &self.settings);
         }
-        let step = if self.slow_start { 1.0 } else { self.settings.increase / self.rate };
-        self.rate = clamp(self.rate + step, &self.settings);
     }
 
-    /// A 429 for a call sent at `sent`. Returns whether the rate was cut.
-    pub fn on_rate_limited(&mut self, now: Instant, sent: Instant) -> bool {
-        self.slow_start = false;
-        if self.last_cut.is_some_and(|cut| sent < cut + CUT_ROUND) {
+    /// Stripe failed a call (sent at `sent`) as a whole: the throttle counts it, and it
+    /// passed the rate limiter.
+    pub fn on_failure(&mut self, now: Instant, sent: Instant) {
+        self.note(now, sent, false);
+        self.health.push_back((now, false));
+    }
+
+    /// A 429 for a call about `payment` sent at `sent`. Returns whether the rate was cut.
+    /// It says something about this replica's rate only if calls were going out at that rate
+    /// within a second of it (a 429 while sending below the rate is someone else's, or a
+    /// brownout's). The payment whose 429 made the last cut cannot make the next: one payment
+    /// answered 429 again and again (contention on one object, `lock_timeout`) says nothing
+    /// new about the account's rate.
+    pub fn on_rate_limited(&mut self, now: Instant, sent: Instant, payment: &str) -> bool {
+        self.note(now, sent, true);
+        let at_the_rate = self.last_paced.is_some_and(|paced| paced + ROUND >= sent);
+        if !at_the_rate {
             return false;
         }
-        self.rate = clamp(self.rate * self.settings.decrease, &self.settings);
-        self.last_cut = Some(now);
-        // Slots already handed out keep their time; the next ones follow the new rate.
-        self.next = self.next.max(now + Duration::from_secs_f64(1.0 / self.rate));
+        if let Some((cut, by)) = &self.last_cut
+            && (sent < *cut + ROUND || by == payment)
+        {
+            return false;
+        }
+        let accepted = self.recent.iter().filter(|(_, limited)| !limited).count() as f64;
+        let cut = (self.rate * self.settings.decrease).min(accepted / ROUND.as_secs_f64());
+        self.threshold = self.rate / 2.0;
+        self.rate = clamp(cut, &self.settings);
+        self.last_cut = Some((now, payment.to_owned()));
         true
     }
 
@@ -121,8 +237,15 @@ impl Pacer {
             return false;
         }
         self.held_by = Some(payment.to_owned());
-        self.next = self.next.max(now + retry_after.min(MAX_RETRY_AFTER));
+        self.not_before = self.not_before.max(now + retry_after.min(MAX_RETRY_AFTER));
         true
+    }
+
+    /// Remembers an answer to a call sent at `sent` for the last round's count.
+    fn note(&mut self, now: Instant, sent: Instant, limited: bool) {
+        self.recent.push_back((sent, limited));
+        let since = now.checked_sub(ROUND).unwrap_or(now);
+        self.recent.retain(|(at, _)| *at >= since);
     }
 }
 
@@ -139,49 +262,162 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    #[test]
-    fn slots_are_spaced_by_the_rate_without_bursts() {
-        let t0 = Instant::now();
-        let mut p = Pacer::new(PacerSettings { initial: 10.0, ..Default::default() }, t0);
-        let slots: Vec<Slot> = (0..3).map(|_| p.reserve(t0)).collect();
-        assert_eq!(slots[0], Slot { at: t0, waited: false });
-        assert_eq!(slots[1], Slot { at: t0 + ms(100), waited: true });
-        assert_eq!(slots[2], Slot { at: t0 + ms(200), waited: true });
-        // After an idle second the next call goes at once: no credit is saved up.
-        let later = t0 + ms(1300);
-        assert_eq!(p.reserve(later), Slot { at: later, waited: false });
-        assert_eq!(p.reserve(later).at, later + ms(100));
+    /// A caller that asks at `now` and again whenever it is told to: the slot it gets.
+    fn next(p: &mut Pacer, now: Instant) -> Slot {
+        let (mut at, mut waited) = (now, None);
+        loop {
+            match p.take(at, waited) {
+                Turn::Go(slot) => return slot,
+                Turn::Later { at: later, paced } => {
+                    at = later;
+                    waited = Some(waited.unwrap_or(false) || paced);
+                }
+            }
+        }
     }
 
     #[test]
-    fn grows_only_while_it_is_the_bottleneck() {
+    fn a_cold_burst_goes_at_once_then_one_second_holds_at_most_the_rate() {
         let t0 = Instant::now();
         let mut p = Pacer::new(PacerSettings::default(), t0);
-        p.on_answer(Slot { at: t0, waited: false });
-        assert_eq!(p.rate(), 10.0);
-        for _ in 0..10 {
-            p.on_answer(Slot { at: t0, waited: true });
-        }
-        assert_eq!(p.rate(), 20.0, "slow start: +1 per saturated call doubles it per second");
+        let slots: Vec<Slot> = (0..30).map(|_| next(&mut p, t0)).collect();
+        assert!(slots[..25].iter().all(|s| s.at == t0 && !s.waited), "25 at once");
+        assert!(slots[25..].iter().all(|s| s.at == t0 + ms(1000) && s.paced), "then a second");
+        // After an idle second the next burst goes at once.
+        let later = t0 + ms(3000);
+        assert_eq!(next(&mut p, later).at, later);
     }
 
     #[test]
-    fn a_429_cuts_once_per_round_then_growth_is_additive() {
+    fn a_fractional_rate_spreads_its_calls() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(PacerSettings { initial: 20.0, ..Default::default() }, t0);
-        assert!(p.on_rate_limited(t0 + ms(10), t0));
-        assert!((p.rate() - 14.0).abs() < 1e-9);
-        assert!(!p.on_rate_limited(t0 + ms(20), t0 + ms(5)), "sent before the cut: ignored");
-        assert!(!p.on_rate_limited(t0 + ms(600), t0 + ms(500)), "within a second: ignored");
-        assert!(p.on_rate_limited(t0 + ms(1200), t0 + ms(1100)), "a second later: counts");
-        assert!((p.rate() - 9.8).abs() < 1e-9);
-        let before = p.rate();
-        // One second of saturated calls adds `increase` (2) requests per second, roughly.
-        let calls = before.round() as usize;
-        for _ in 0..calls {
-            p.on_answer(Slot { at: t0, waited: true });
+        let settings = PacerSettings { initial: 1.5, ..Default::default() };
+        let mut p = Pacer::new(settings, t0);
+        let at: Vec<Duration> = (0..6).map(|_| next(&mut p, t0).at - t0).collect();
+        // 2 calls per 1.333 s.
+        assert_eq!(at[0..2], [ms(0), ms(0)]);
+        assert!(at[2].abs_diff(ms(1333)) < ms(2) && at[4].abs_diff(ms(2667)) < ms(2), "{at:?}");
+    }
+
+    #[test]
+    fn grows_only_while_the_rate_is_the_bottleneck() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(PacerSettings { initial: 10.0, ..Default::default() }, t0);
+        // Eight calls a second (a slow Stripe bounds what is sent) never fill a second of
+        // ten: no growth, however many there are.
+        for i in 0..100 {
+            let now = t0 + ms(i * 125);
+            let slot = next(&mut p, now);
+            assert!(!slot.paced);
+            p.on_answer(now, slot);
         }
-        assert!((p.rate() - (before + 2.0)).abs() < 0.3, "{} after {before}", p.rate());
+        assert_eq!(p.rate(), 10.0);
+        // A second of calls that waited for the rate adds `increase`.
+        let now = t0 + ms(20_000);
+        let slots: Vec<Slot> = (0..20).map(|_| next(&mut p, now)).collect();
+        for slot in slots.iter().filter(|s| s.paced) {
+            p.on_answer(now, *slot);
+        }
+        assert!((p.rate() - 12.0).abs() < 0.3, "{}", p.rate());
+    }
+
+    #[test]
+    fn a_429_cuts_to_what_stripe_accepted_once_per_round_and_only_at_the_rate() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(PacerSettings::default(), t0);
+        // Below the rate, a 429 is not this replica's rate (a brownout's, another client's).
+        let slot = next(&mut p, t0);
+        p.on_answer(t0, slot);
+        assert!(!p.on_rate_limited(t0 + ms(10), t0, "x"), "one call of 25: no cut");
+        // 25 sent at once, 12 accepted, 13 answered 429 (another replica shares the account).
+        let burst = t0 + ms(1500);
+        let slots: Vec<Slot> = (0..25).map(|_| next(&mut p, burst)).collect();
+        for (i, slot) in slots.iter().take(12).enumerate() {
+            p.on_answer(burst + ms(50 + i as u64), *slot);
+        }
+        assert!(p.on_rate_limited(burst + ms(70), burst, "a"));
+        assert_eq!(p.rate(), 12.0, "what Stripe accepted");
+        let same_round = p.on_rate_limited(burst + ms(80), burst + ms(10), "b");
+        assert!(!same_round, "the same round: no second cut");
+        // A second later, at the new rate: a small overshoot is cut by the factor, but not
+        // by the payment that made the last cut.
+        let later = burst + ms(2000);
+        let slots: Vec<Slot> = (0..12).map(|_| next(&mut p, later)).collect();
+        for (i, slot) in slots.iter().enumerate() {
+            p.on_answer(later + ms(i as u64), *slot);
+        }
+        assert!(!p.on_rate_limited(later + ms(20), later, "a"), "nor the same payment");
+        let before = p.rate();
+        assert!(before > 12.0, "the full second grew it: {before}");
+        assert!(p.on_rate_limited(later + ms(20), later, "c"));
+        assert!((p.rate() - before * 0.9).abs() < 1e-9, "{before} × 0.9: {}", p.rate());
+    }
+
+    #[test]
+    fn after_a_storm_the_rate_doubles_back_to_half_of_what_it_was() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(PacerSettings::default(), t0);
+        for _ in 0..25 {
+            next(&mut p, t0);
+        }
+        assert!(p.on_rate_limited(t0, t0, "storm"), "nothing accepted: to the floor");
+        assert_eq!(p.rate(), 1.0);
+        // Sixteen deliveries in flight, each asking again when told to, answered at once.
+        let mut asking: Vec<(Instant, Option<bool>)> = vec![(t0, None); 16];
+        loop {
+            let i = (0..asking.len()).min_by_key(|i| asking[*i].0).unwrap();
+            let (at, waited) = asking[i];
+            if at > t0 + ms(5000) {
+                break;
+            }
+            asking[i] = match p.take(at, waited) {
+                Turn::Go(slot) => {
+                    p.on_answer(at, slot);
+                    (at, None)
+                }
+                Turn::Later { at, paced } => (at, Some(waited.unwrap_or(false) || paced)),
+            };
+        }
+        assert!(p.rate() >= 12.5, "back above half of 25 in 5 s: {}", p.rate());
+        assert!(p.rate() < 16.0, "then additive: {}", p.rate());
+    }
+
+    #[test]
+    fn the_throttle_follows_what_stripe_accepts() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(PacerSettings::default(), t0);
+        p.on_failure(t0, t0);
+        assert_eq!(p.allowed(t0), 12.5, "one failure, nothing accepted yet: half");
+        // Half the calls failing: k = 2 holds nothing back.
+        let mut p = Pacer::new(PacerSettings::default(), t0);
+        for i in 0..100 {
+            let now = t0 + ms(i * 50);
+            if i % 2 == 0 {
+                p.on_failure(now, now);
+            } else {
+                p.on_answer(now, Slot { at: now, waited: false, paced: false });
+            }
+        }
+        assert_eq!(p.allowed(t0 + ms(5000)), 25.0);
+        // 70 % failing: (100 − 2 × 30) / 101 of the rate is held back.
+        let mut p = Pacer::new(PacerSettings::default(), t0);
+        for i in 0..100 {
+            let now = t0 + ms(i * 50);
+            if i % 10 < 7 {
+                p.on_failure(now, now);
+            } else {
+                p.on_answer(now, Slot { at: now, waited: false, paced: false });
+            }
+        }
+        let allowed = p.allowed(t0 + ms(5000));
+        assert!((allowed - 25.0 * (1.0 - 40.0 / 101.0)).abs() < 1e-9, "{allowed}");
+        // Then nothing gets through: the floor, once the last answers are forgotten.
+        for i in 0..500 {
+            p.on_failure(t0 + ms(5000 + i * 10), t0 + ms(5000 + i * 10));
+        }
+        assert!(p.allowed(t0 + ms(10_000)) < 3.0);
+        assert_eq!(p.allowed(t0 + ms(15_500)), 1.0);
+        assert_eq!(p.allowed(t0 + ms(30_000)), 25.0, "forgotten after the horizon");
     }
 
     #[test]
@@ -192,25 +428,31 @@ mod tests {
         let mut p = Pacer::new(settings, t0);
         assert_eq!(p.rate(), 8.0, "the ceiling caps the initial rate");
         for i in 0..20 {
-            p.on_rate_limited(t0 + ms(i * 1000), t0 + ms(i * 1000));
+            let now = t0 + ms(i * 1000);
+            for _ in 0..8 {
+                next(&mut p, now);
+            }
+            p.on_rate_limited(now, now, &format!("t-{i}"));
         }
         assert_eq!(p.rate(), 2.0, "never below the floor");
         let now = t0 + ms(30_000);
         assert!(p.hold_until(now, Duration::from_secs(3600), "t-1"));
-        assert_eq!(p.reserve(now).at, now + MAX_RETRY_AFTER, "Retry-After is capped");
+        let slot = next(&mut p, now);
+        assert_eq!(slot.at, now + MAX_RETRY_AFTER, "Retry-After is capped");
+        assert!(!slot.paced, "a hold is not the rate");
     }
 
     #[test]
     fn one_payment_cannot_arm_the_hold_again_and_again() {
         let t0 = Instant::now();
-        let mut p = Pacer::new(PacerSettings { initial: 10.0, ..Default::default() }, t0);
+        let mut p = Pacer::new(PacerSettings::default(), t0);
         let hold = Duration::from_secs(5);
         assert!(p.hold_until(t0, hold, "poison"));
         let later = t0 + ms(6_000);
         assert!(!p.hold_until(later, hold, "poison"), "the same payment again: no new hold");
-        assert_eq!(p.reserve(later).at, later, "the others go on");
+        assert_eq!(next(&mut p, later).at, later, "the others go on");
         assert!(p.hold_until(later, hold, "other"), "another payment's Retry-After counts");
-        p.on_answer(Slot { at: later, waited: false });
+        p.on_answer(later, Slot { at: later, waited: false, paced: false });
         assert!(
             p.hold_until(later + ms(6_000), hold, "poison"),
             "after an answer, it counts again"

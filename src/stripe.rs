@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info_span};
 
-use crate::breaker::{Signal, Spread, State};
+use crate::breaker::{Caller, Signal, Spread, State};
 use crate::contract::CreateSession;
 use crate::error_chain;
 use crate::flow::FlowControl;
@@ -216,7 +216,8 @@ impl Gateway {
     }
 
     /// Creates the session for `cmd`, or gets the one already created for its trip. Waits for
-    /// the circuit breaker and the rate limiter first.
+    /// the circuit breaker and the rate limiter first. `suspect`: this payment spent an
+    /// attempt already, so its failures are evidence about it, not about Stripe.
     ///
     /// # Errors
     /// See [`CallError`]; mock mode never fails.
@@ -224,6 +225,7 @@ impl Gateway {
         &self,
         cmd: &CreateSession,
         urls: &CheckoutUrls,
+        suspect: bool,
     ) -> Result<Session, CallError> {
         let Backend::Stripe(stripe) = &self.backend else {
             self.metrics.stripe_requests.with_label_values(&["created"]).inc();
@@ -233,7 +235,7 @@ impl Gateway {
             });
         };
         let (api, flow) = &**stripe;
-        let permit = flow.admit().await.ok_or(CallError::CircuitOpen)?;
+        let permit = flow.admit(suspect).await.ok_or(CallError::CircuitOpen)?;
         let span = info_span!(
             "stripe",
             otel.name = "POST",
@@ -258,7 +260,8 @@ impl Gateway {
             self.metrics.stripe_duration.observe(started.elapsed().as_secs_f64());
             result
         };
-        let spread = permit.finish(result.as_ref().map(|_| ()), &cmd.trip_id);
+        let spread =
+            permit.finish(result.as_ref().map(|_| ()), Caller { payment: &cmd.trip_id, suspect });
         let label = match &result {
             Ok(session) if session.replayed => "replayed",
             Ok(_) => "created",

@@ -678,7 +678,8 @@ impl Handler {
 
         let outcome_span = span.clone();
         async {
-            let failure = self.attempt(&origin, command, &delivery.properties).await.err();
+            let failure =
+                self.attempt(&origin, command, &delivery.properties, attempt > 1).await.err();
             if let Some(failure) = &failure {
                 trace::failed(&outcome_span, &failure.detail);
             }
@@ -751,11 +752,11 @@ impl Handler {
             None => (decide(attempt.number, None, delays), String::new()),
             Some(f) => (decide(attempt.number, Some(f.class), delays), f.detail),
         };
-        if action == Action::Defer {
+        if matches!(action, Action::Defer | Action::DeferFor(_)) {
             let since = retry::now_ms().saturating_sub(attempt.first_seen_ms());
             let waited = Duration::from_millis(since);
             action = within_budget(action, waited, self.wait_budget);
-            if action != Action::Defer {
+            if matches!(action, Action::Park(_)) {
                 detail = format!(
                     "deferred for {}s since it first arrived, past STRIPE_WAIT_BUDGET ({}s); \
                      last: {detail}",
@@ -778,11 +779,13 @@ impl Handler {
     }
 
     /// Checks the message, creates the Checkout Session and publishes the event.
+    /// `suspect`: an earlier attempt of this payment failed (see [`Gateway::create_session`]).
     async fn attempt(
         &self,
         origin: &Origin,
         command: Result<CreateSession, InvalidMessage>,
         incoming: &BasicProperties,
+        suspect: bool,
     ) -> Result<(), Failure> {
         let expected = &self.topology.routing_keys.create_session;
         if &origin.routing_key != expected {
@@ -794,8 +797,11 @@ impl Handler {
         let command = command.map_err(|invalid| {
             Failure::new(Class::Permanent(ParkReason::InvalidMessage), invalid.to_string())
         })?;
-        let session =
-            self.gateway.create_session(&command, &self.urls).await.map_err(call_failure)?;
+        let session = self
+            .gateway
+            .create_session(&command, &self.urls, suspect)
+            .await
+            .map_err(call_failure)?;
         let body = command.session_created(&session.id);
         let properties = event_properties(
             format!("{}:{}", self.topology.routing_keys.session_created, command.trip_id),
@@ -853,6 +859,15 @@ impl Handler {
                 "",
                 self.topology.work_queue.name.as_str(),
                 failed.deferred_properties(original),
+                Outcome::Deferred,
+                Class::DeferRefused,
+            ),
+            Action::DeferFor(delay) => (
+                self.topology.retry.exchange.as_str(),
+                delay.label(),
+                failed
+                    .deferred_properties(original)
+                    .with_expiration(delay.millis().to_string().into()),
                 Outcome::Deferred,
                 Class::DeferRefused,
             ),

@@ -128,6 +128,8 @@ struct State {
     random: Option<RandomFailures>,
     random_failures: HashMap<String, u32>,
     outage: Option<Outage>,
+    /// Every unscripted request fails with this probability (a brownout).
+    brownout: Option<f64>,
     /// Requests a second allowed, and when the requests of the last second were let through.
     rate_limit: Option<(usize, VecDeque<Instant>)>,
 }
@@ -201,6 +203,13 @@ impl StripeStandin {
     /// answer slower than the client waits, each equally likely.
     pub fn set_random_failures(&self, random: RandomFailures) {
         self.lock().random = Some(random);
+    }
+
+    /// Starts (`Some(share)`) or ends (`None`) a brownout: every unscripted request fails
+    /// with probability `share`, as a 429, a 503 or a dropped connection, equally likely,
+    /// however often its trip failed before.
+    pub fn set_brownout(&self, share: Option<f64>) {
+        self.lock().brownout = share;
     }
 
     /// Starts (`Some`) or ends (`None`) a Stripe-wide outage.
@@ -395,10 +404,11 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
                 }
                 body
             };
+            // Seen when it arrived: a client that gives up before the answer cancels this.
+            record(200, false);
             if let Behaviour::Slow(wait) = behaviour {
                 tokio::time::sleep(wait).await;
             }
-            record(200, false);
             Ok(json(200, body, false, None))
         }
     }
@@ -419,6 +429,15 @@ fn rate_limited(state: &mut State) -> bool {
 }
 
 fn random_behaviour(state: &mut State, trip_id: &str) -> Behaviour {
+    if let Some(share) = state.brownout
+        && rand::random::<f64>() < share
+    {
+        return match rand::random_range(0..3) {
+            0 => Behaviour::rate_limited(),
+            1 => Behaviour::unavailable(),
+            _ => Behaviour::Drop,
+        };
+    }
     let Some(random) = state.random else { return Behaviour::Succeed };
     let used = state.random_failures.entry(trip_id.to_owned()).or_default();
     if *used >= random.max_per_trip || rand::random::<f64>() >= random.rate {

@@ -12,6 +12,7 @@ mod observability;
 mod ops;
 mod recovery;
 mod retries;
+mod sickness;
 mod topology;
 mod traces;
 mod untrusted;
