@@ -4,7 +4,7 @@
 //!
 //! BENCH_RUNS (default 3) sets the number of runs per figure; BENCH_N the command count of the
 //! throughput runs (default 20000); BENCH_SECTIONS which sections run (default
-//! `1,2,3,4,5,6,7,8`); BENCH_POD_LOG a file the worker processes log into (at info level).
+//! `1,2,3,4,5,6,7,8,9`); BENCH_POD_LOG a file the worker processes log into (at info level).
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -19,8 +19,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use payment_worker::contract::CreateSession;
 use payment_worker::stripe::{CheckoutUrls, StripeApi};
-use testkit::amqp::command;
-use testkit::names::{EVENTS, WORK};
+use testkit::amqp::{Client, command, inner};
+use testkit::names::{EVENTS, PARKED, WORK};
 use testkit::node::RabbitNode;
 use testkit::pod::{Pod, ready_within};
 use testkit::stats::{env_usize, percentile};
@@ -30,8 +30,8 @@ use tokio::process::Command;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_payment-worker");
 /// For the sections that measure the worker itself against a stand-in without a rate limit:
-/// the adaptive Stripe rate starts high instead of at 10 a second (it would double each second
-/// and stop being the bottleneck after a few seconds anyway).
+/// the pacer's per-second limit starts high instead of at Stripe's 25 a second (it would
+/// grow while it is the bottleneck, but slowly).
 const UNPACED: &[&str] = &["--stripe-initial-rps", "100000"];
 
 /// Median, min and max of a sample.
@@ -414,7 +414,7 @@ async fn delay_accuracy(per_tier: usize) -> Vec<(String, Vec<f64>)> {
 async fn main() {
     // `cargo bench` passes `--bench`; nothing else is read from the command line.
     let runs = env_usize("BENCH_RUNS", 3);
-    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3,4,5,6,7,8".into());
+    let sections = std::env::var("BENCH_SECTIONS").unwrap_or_else(|_| "1,2,3,4,5,6,7,8,9".into());
     let section = |n: &str| sections.split(',').any(|s| s.trim() == n);
     let n = env_usize("BENCH_N", 20_000);
     println!("# payment-worker benchmarks\n");
@@ -570,6 +570,10 @@ async fn main() {
         flow_control(runs).await;
     }
 
+    if section("9") {
+        sick_payments_and_sick_stripe(runs).await;
+    }
+
     // 8. What exporting spans costs.
     if section("8") {
         println!("\n## 8. Tracing: spans exported over OTLP/HTTP, or not (prefetch 64)\n");
@@ -619,7 +623,7 @@ async fn flow_control(runs: usize) {
     println!(
         "| pods (prefetch 32) | 750 payments against a 25/s limit: goodput, share of the limit | calls answered 429 |\n|---|---|---|"
     );
-    for replicas in [1, 3] {
+    for replicas in [1, 2, 3] {
         let (mut goodput, mut limited) = (Vec::new(), Vec::new());
         for _ in 0..runs {
             let (share, rejected) = rate_limited_goodput(750, replicas, 25).await;
@@ -643,6 +647,180 @@ async fn flow_control(runs: usize) {
     );
     println!("| Stripe calls a second while down | {} |", Stat::of(down).show(""));
     println!("| Stripe's return to the backlog drained | {} |", Stat::of(drain).show(" s"));
+}
+
+/// Settings that turn the breaker's grading off: every Stripe-wide failure is the payment's
+/// own (an attempt spent), the circuit never opens, nothing is throttled.
+const NO_BREAKER: &[&str] = &[
+    "--stripe-breaker-window",
+    "1000",
+    "--stripe-breaker-min-calls",
+    "1000",
+    "--stripe-breaker-consecutive",
+    "1000",
+    "--stripe-throttle-k",
+    "100",
+];
+
+/// What one flow-control scenario gave.
+struct Sickness {
+    /// Of the payments sent during the trouble (10 s or more before its end), the share done
+    /// before it ended; for poison runs, of the healthy payments, the share done.
+    done: f64,
+    p50: f64,
+    p99: f64,
+    calls_per_payment: f64,
+    openings: f64,
+    parked: u32,
+}
+
+/// One kind of trouble: `rate` payments a second for `seconds`, of which every
+/// `poison_every`-th fails on every call (503); `brownout`: that share of all other calls
+/// fails (429, 503, dropped connection) until the payments stop.
+struct Trouble {
+    name: &'static str,
+    brownout: Option<f64>,
+    poison_every: Option<usize>,
+    rate: u64,
+    seconds: u64,
+}
+
+/// Two pods (prefetch 16, 1 s Stripe timeout) through `trouble`. Times are from a payment's
+/// publish to its event, for the payments that are not poison.
+async fn sickness_run(trouble: &Trouble, extra: &[&str]) -> Sickness {
+    let Trouble { brownout, poison_every, rate, seconds, .. } = *trouble;
+    let vhost = Vhost::new("bench-sick");
+    let stripe = StripeStandin::start().await;
+    declare(&vhost.uri()).await;
+    let mut args = vec!["--stripe-timeout", "1s"];
+    args.extend_from_slice(extra);
+    let mut pods = Vec::new();
+    for _ in 0..2 {
+        pods.push(start_pod(&vhost.uri(), Some(&stripe), 16, &args, &[]).await.0);
+    }
+    let n = (rate * seconds) as usize;
+    let trips: Vec<String> = (0..n).map(|i| format!("sick-{i:05}")).collect();
+    let poison: Vec<&String> = match poison_every {
+        Some(every) => trips.iter().skip(every / 2).step_by(every).collect(),
+        None => Vec::new(),
+    };
+    for trip in &poison {
+        stripe.script(trip, (0..20).map(|_| Behaviour::unavailable()));
+    }
+    stripe.set_brownout(brownout);
+    let healthy = n - poison.len();
+    let collector = {
+        let uri = vhost.uri();
+        tokio::spawn(async move {
+            Client::connect(&uri).await.take(EVENTS, healthy, Duration::from_secs(600)).await
+        })
+    };
+    let client = Client::connect(&vhost.uri()).await;
+    let mut sent = HashMap::new();
+    let started = Instant::now();
+    for (i, trip) in trips.iter().enumerate() {
+        tokio::time::sleep_until((started + Duration::from_secs(i as u64) / rate as u32).into())
+            .await;
+        sent.insert(trip.clone(), Instant::now());
+        client.send_command(&command(trip, "u", 1500.0, "USD")).await;
+    }
+    let end = Instant::now();
+    stripe.set_brownout(None);
+    let events = collector.await.expect("collector");
+    let at: HashMap<String, Instant> = events
+        .iter()
+        .map(|e| (inner(&e.body)["tripID"].as_str().unwrap_or_default().to_owned(), e.at))
+        .collect();
+    let mut latencies: Vec<f64> = at
+        .iter()
+        .filter_map(|(trip, done)| Some(done.duration_since(*sent.get(trip)?).as_secs_f64()))
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let done = if brownout.is_some() {
+        let early: Vec<&String> = trips
+            .iter()
+            .filter(|t| sent[*t] + Duration::from_secs(10) < end && !poison.contains(t))
+            .collect();
+        let before = early.iter().filter(|t| at.get(**t).is_some_and(|d| *d < end)).count();
+        before as f64 / early.len().max(1) as f64
+    } else {
+        at.len() as f64 / healthy as f64
+    };
+    if !poison.is_empty() {
+        let parked = testkit::eventually(Duration::from_secs(60), || async {
+            (client.depth(PARKED).await as usize >= poison.len()).then_some(())
+        });
+        parked.await;
+    }
+    let mut openings = 0.0;
+    for pod in &pods {
+        let (_, body) = testkit::http_get(pod.http, "/metrics").await.unwrap_or_default();
+        let sample = r#"payment_worker_stripe_circuit_transitions_total{to="open"} "#;
+        openings +=
+            body.lines().find_map(|l| l.strip_prefix(sample)?.parse::<f64>().ok()).unwrap_or(0.0);
+    }
+    Sickness {
+        done,
+        p50: percentile(&latencies, 0.5),
+        p99: percentile(&latencies, 0.99),
+        calls_per_payment: stripe.seen().len() as f64 / n as f64,
+        openings,
+        parked: client.depth(PARKED).await,
+    }
+}
+
+async fn sick_payments_and_sick_stripe(runs: usize) {
+    println!(
+        "\n## 9. A sick Stripe or sick payments: flow control as shipped, and without grading\n"
+    );
+    println!(
+        "Two pods. Brownouts: 10 payments a second for 40 s, that share of all calls failing \
+         (429, 503, dropped connection) until the last is sent; \"done\" is the share of those \
+         sent 10 s or more before the end that completed before it. Poison: 20 payments a \
+         second for 15 s, that share failing on every call (503); \"done\" is the share of the \
+         healthy ones completed. Times are publish to event, poison excluded. Without grading: \
+         every Stripe-wide failure spends an attempt, the circuit never opens, nothing is \
+         throttled.\n"
+    );
+    println!(
+        "| trouble | flow control | done | p50 | p99 | Stripe calls per payment | circuit openings | parked |\n|---|---|---|---|---|---|---|---|"
+    );
+    let brownout = |name, share| Trouble {
+        name,
+        brownout: Some(share),
+        poison_every: None,
+        rate: 10,
+        seconds: 40,
+    };
+    let poison =
+        |name, every| Trouble { name, brownout: None, poison_every: every, rate: 20, seconds: 15 };
+    let cases = [
+        brownout("brownout 25%", 0.25),
+        brownout("brownout 50%", 0.5),
+        brownout("brownout 75%", 0.75),
+        poison("poison 0%", None),
+        poison("poison 1%", Some(100)),
+        poison("poison 5%", Some(20)),
+    ];
+    for trouble in &cases {
+        for (mode, extra) in [("as shipped", &[][..]), ("without grading", NO_BREAKER)] {
+            let mut rows = Vec::new();
+            for _ in 0..runs {
+                rows.push(sickness_run(trouble, extra).await);
+            }
+            let stat = |f: fn(&Sickness) -> f64| Stat::of(rows.iter().map(f).collect());
+            println!(
+                "| {} | {mode} | {} | {} | {} | {} | {} | {} |",
+                trouble.name,
+                stat(|r| r.done * 100.0).show("%"),
+                stat(|r| r.p50).show(" s"),
+                stat(|r| r.p99).show(" s"),
+                stat(|r| r.calls_per_payment).show(""),
+                stat(|r| r.openings).show(""),
+                stat(|r| f64::from(r.parked)).show(""),
+            );
+        }
+    }
 }
 
 fn cpu_model() -> String {

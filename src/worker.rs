@@ -11,7 +11,8 @@
 //!   queue, the command is acked;
 //! * **requeued**: not even the parked copy was accepted; the command is nacked back;
 //! * **deferred**: Stripe was failing or rate-limiting, or the circuit was open; a copy with
-//!   the attempt count unchanged is confirmed into the work queue, the command is acked;
+//!   the attempt count unchanged is confirmed back to the work queue (through the first wait
+//!   queue when its own call failed), the command is acked;
 //! * **abandoned**: the channel failed mid-way; the connection ends and the broker redelivers.
 //!
 //! Stripe calls are idempotent by trip, so whatever is done twice is harmless.
@@ -68,7 +69,8 @@ pub enum Outcome {
     /// A parked copy was published and the command acked.
     Parked(ParkReason),
     /// Stripe was failing, rate-limiting or behind an open circuit: a copy with the attempt
-    /// count unchanged went back to the work queue and the command was acked.
+    /// count unchanged went back to the work queue (or through the first wait queue) and the
+    /// command was acked.
     Deferred,
     /// No replacement could be published; the command was handed back to the broker.
     Requeued,

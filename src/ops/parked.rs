@@ -27,10 +27,16 @@ pub enum ParkedCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Move parked messages back to the work queue, attempt counter reset.
+    /// Move parked messages back to the work queue, attempt counter reset. Messages that first
+    /// arrived more than 23 h ago are refused (Stripe may have forgotten the trip's
+    /// idempotency key, so a replay could create a second session) unless
+    /// --allow-new-session is given.
     Replay {
         #[command(flatten)]
         filter: Filter,
+        /// Replay messages older than 23 h too, knowing a trip may get a second session.
+        #[arg(long)]
+        allow_new_session: bool,
         /// Show what would be replayed; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -66,6 +72,9 @@ pub struct Filter {
     /// At most this many.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// A replay refuses messages that first arrived before this (Unix milliseconds).
+    #[arg(skip)]
+    pub arrived_after_ms: Option<u64>,
 }
 
 impl Filter {
@@ -76,6 +85,14 @@ impl Filter {
             return Err(OpsError::NoSelection);
         }
         Ok(())
+    }
+
+    /// Whether a replay must refuse `entry`: it first arrived before `arrived_after_ms`. A
+    /// message whose headers do not say when (published to the parking queue by hand) is not
+    /// refused: nothing is known to be old.
+    fn refuses(&self, entry: &ParkedEntry) -> bool {
+        let after = self.arrived_after_ms;
+        after.is_some_and(|after| entry.first_arrived_ms().is_some_and(|at| at < after))
     }
 
     fn matches(&self, entry: &ParkedEntry) -> bool {
@@ -108,7 +125,13 @@ impl ParkedCommand {
                 true,
                 json,
             ),
-            Self::Replay { filter, dry_run, json } => (Action::Replay, filter, dry_run, json),
+            Self::Replay { mut filter, dry_run, json, allow_new_session } => {
+                if !allow_new_session {
+                    let window = REPLAY_WINDOW.as_millis() as u64;
+                    filter.arrived_after_ms = Some(retry::now_ms().saturating_sub(window));
+                }
+                (Action::Replay, filter, dry_run, json)
+            }
             Self::Purge { filter, yes, json } => (Action::Purge, filter, !yes, json),
         };
         filter.validate()?;
@@ -132,7 +155,17 @@ impl ParkedCommand {
         })
         .await;
         close(connection).await;
-        let Walked { taken: count, present } = walked?;
+        let Walked { taken: count, present, refused } = walked?;
+        for entry in &refused {
+            eprintln!(
+                "refused {}: it first arrived more than {} h ago; Stripe may have forgotten the \
+                 trip's idempotency key, so a replay could create a second session for a trip \
+                 the rider may have paid. Check the trip in Stripe, then replay it with \
+                 --allow-new-session",
+                entry.line(),
+                REPLAY_WINDOW.as_secs() / 3600,
+            );
+        }
         if !json {
             eprintln!("{count} message(s) {verb}");
             if action == Action::List && count < present {
@@ -142,9 +175,17 @@ impl ParkedCommand {
                 eprintln!("nothing removed: add --yes to purge them");
             }
         }
+        if !refused.is_empty() {
+            eprintln!("{} message(s) refused, still parked", refused.len());
+            return Ok(ExitCode::FAILURE);
+        }
         Ok(ExitCode::SUCCESS)
     }
 }
+
+/// How old (since it first arrived) a parked message may be for a replay without
+/// `--allow-new-session`: inside Stripe's 24 h idempotency window, with an hour to spare.
+pub const REPLAY_WINDOW: std::time::Duration = std::time::Duration::from_secs(23 * 3600);
 
 /// A parked message, as `parked list` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -157,6 +198,8 @@ pub struct ParkedEntry {
     pub reason: String,
     pub detail: String,
     pub attempts: u32,
+    /// When the command first arrived (its first attempt).
+    pub first_seen_at_ms: Option<u64>,
     pub first_failure_at_ms: Option<u64>,
     pub parked_at_ms: Option<u64>,
 }
@@ -189,10 +232,17 @@ impl ParkedEntry {
                 })
                 .unwrap_or_default(),
             attempts: state.attempts,
+            first_seen_at_ms: state.first_seen_at,
             first_failure_at_ms: state.first_failure_at,
             parked_at_ms: headers::int(&headers, retry::PARKED_AT)
                 .and_then(|n| u64::try_from(n).ok()),
         }
+    }
+
+    /// When the command first arrived, as far as its headers tell (older copies carry only
+    /// the first failure's time, or the parking time).
+    pub fn first_arrived_ms(&self) -> Option<u64> {
+        self.first_seen_at_ms.or(self.first_failure_at_ms).or(self.parked_at_ms)
     }
 
     /// One line for people. Every value comes from a publisher or a header, so control
@@ -243,7 +293,8 @@ fn printable(text: &str) -> String {
 }
 
 /// Walks the parking queue once: every message present at the start is fetched without
-/// auto-ack; those the filter and action take are replayed or purged (a replayed copy is
+/// auto-ack; those the filter and action take are replayed or purged (a replay refuses, and
+/// keeps, those the filter says are too old) (a replayed copy is
 /// confirmed before the parked one is acked). `report` is called with each taken message.
 ///
 /// The others are kept in a way that spends no delivery count, where the queue keeps one: a
@@ -277,6 +328,7 @@ pub async fn walk_parked(
         None
     };
     let mut taken = 0;
+    let mut refused = Vec::new();
     // The last delivery tag fetched and not settled: what one nack at the end hands back.
     let mut unsettled = None;
     let reading = format!("reading {queue}");
@@ -294,7 +346,9 @@ pub async fn walk_parked(
         let Some(message) = got else { break };
         let delivery = message.delivery;
         let entry = ParkedEntry::from_message(&delivery.data, &delivery.properties);
-        let take = !full && (action == Action::List || filter.matches(&entry));
+        let wanted = !full && (action == Action::List || filter.matches(&entry));
+        let refuse = wanted && action == Action::Replay && filter.refuses(&entry);
+        let take = wanted && !refuse;
         let settle = if take && action != Action::List && !dry_run {
             if let Some(publisher) = publisher.as_ref().filter(|_| action == Action::Replay) {
                 replay(publisher, topology, &delivery).await?;
@@ -315,6 +369,9 @@ pub async fn walk_parked(
             taken += 1;
             report(&entry);
         }
+        if refuse {
+            refused.push(entry);
+        }
     }
     if let Some(tag) = unsettled {
         // Hands back every message fetched and not settled above, in its original place.
@@ -322,14 +379,16 @@ pub async fn walk_parked(
         bounded("handing back the messages not taken", channel.basic_nack(tag, hand_back)).await?;
     }
     let _ = within("closing the channel", channel.close(200, "done".into())).await;
-    Ok(Walked { taken, present: present as usize })
+    Ok(Walked { taken, present: present as usize, refused })
 }
 
-/// What a walk of the parking queue took, of how many present at its start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a walk of the parking queue took, of how many present at its start, and what a
+/// replay refused (kept parked: too old to replay safely).
+#[derive(Debug, Clone)]
 pub struct Walked {
     pub taken: usize,
     pub present: usize,
+    pub refused: Vec<ParkedEntry>,
 }
 
 /// How many messages the parking queue holds (a passive declaration, which changes nothing).
@@ -398,6 +457,7 @@ mod tests {
             reason: "invalid_message".into(),
             detail: "tab\there".into(),
             attempts: 1,
+            first_seen_at_ms: None,
             first_failure_at_ms: Some(1 << 62),
             parked_at_ms: Some(1_764_000_000_000),
         };

@@ -423,3 +423,45 @@ async fn browsing_a_quorum_parking_queue_spends_no_delivery_count() {
     assert_eq!(parked_trips(&world).await, ["b-1", "b-2", "b-3", "b-5"], "the order is kept");
     assert!(unknown_tag_errors(&world).is_empty());
 }
+
+/// A parked payment that first arrived two days ago may have outlived its idempotency key at
+/// Stripe: a replay could create a second session. `parked replay` refuses it, says why and
+/// exits non-zero, unless `--allow-new-session`; one parked today is replayed as ever.
+#[tokio::test]
+async fn a_replay_refuses_a_payment_older_than_its_idempotency_key() {
+    let world = World::new("ops-old").await;
+    world.start_worker(&[]).await.stop().await.unwrap();
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as i64;
+    for (trip, age_ms) in [("old-trip", 2 * 24 * 3_600_000), ("new-trip", 3_600_000)] {
+        let mut headers = FieldTable::default();
+        let first_seen = AMQPValue::LongLongInt(now_ms - age_ms);
+        headers.insert("payment-first-seen-at".into(), first_seen);
+        headers.insert(
+            "payment-park-reason".into(),
+            AMQPValue::LongString("stripe_unavailable".into()),
+        );
+        let body = command(trip, "u", 100.0, "USD");
+        world.client.publish_headers("", PARKED, &body, headers).await;
+    }
+
+    let (code, out, stderr) = cli(&world, &["parked", "replay", "--all"]).await;
+    assert_ne!(code, 0, "a refusal is not a success: {stderr}");
+    assert!(out.contains("new-trip") && !out.contains("old-trip"), "{out}");
+    assert!(
+        stderr.contains("refused")
+            && stderr.contains("old-trip")
+            && stderr.contains("--allow-new-session"),
+        "{stderr}"
+    );
+    assert_eq!(world.client.depth(PARKED).await, 1, "the old one is still parked");
+    assert_eq!(world.client.depth(WORK).await, 1, "the new one is replayed");
+
+    let (code, out, stderr) =
+        cli(&world, &["parked", "replay", "--all", "--allow-new-session"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("old-trip"), "{out}");
+    assert_eq!(world.client.depth(PARKED).await, 0);
+    assert_eq!(world.client.depth(WORK).await, 2);
+}
