@@ -17,10 +17,11 @@ use crate::flow::FlowControl;
 use crate::health::Readiness;
 use crate::http::{HttpLimits, HttpState, router, serve};
 use crate::metrics::Metrics;
-use crate::stripe::{Gateway, StripeApi};
+use crate::stripe::{Gateway, StripeApi, key_livemode};
 use crate::topology::{QueueType, Topology};
 use crate::webhook::{Webhook, WebhookSettings};
 use crate::worker::{Worker, WorkerError, WorkerSettings};
+use secrecy::ExposeSecret;
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +59,9 @@ impl App {
         let metrics = Arc::new(Metrics::new());
         let breaker = args.breaker_settings()?;
         let pacer = args.pacer_settings()?;
-        let gateway = match args.stripe_secret_key()? {
+        let secret_key = args.stripe_secret_key()?;
+        let livemode = secret_key.as_ref().and_then(|k| key_livemode(k.expose_secret()));
+        let gateway = match secret_key {
             Some(secret) => Gateway::stripe(
                 StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout).map_err(
                     |e| ConfigError::new("STRIPE_API_BASE", "stripe-api-base", e.to_string()),
@@ -114,6 +117,7 @@ impl App {
                 tolerance: args.stripe_webhook_tolerance,
                 dedup_capacity: args.webhook_dedup_capacity,
                 max_concurrent: args.webhook_max_concurrent as usize,
+                livemode,
             },
             topology.clone(),
             pool.clone(),

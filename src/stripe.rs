@@ -176,6 +176,16 @@ pub enum CallError {
     Stripe { error: StripeError, spread: Spread },
 }
 
+/// The mode a Stripe secret or restricted key works in: `Some(true)` for `sk_live_`/`rk_live_`,
+/// `Some(false)` for `sk_test_`/`rk_test_`, `None` for a key of no known form.
+pub fn key_livemode(key: &str) -> Option<bool> {
+    ["sk_live_", "rk_live_"]
+        .iter()
+        .any(|p| key.starts_with(p))
+        .then_some(true)
+        .or_else(|| ["sk_test_", "rk_test_"].iter().any(|p| key.starts_with(p)).then_some(false))
+}
+
 /// Who creates sessions: Stripe's API behind flow control, or mock mode. Records the
 /// `payment_worker_stripe_*` metrics of every call.
 pub struct Gateway {
@@ -518,6 +528,15 @@ impl StripeApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_and_restricted_keys_tell_their_mode() {
+        assert_eq!(key_livemode("sk_live_abc"), Some(true));
+        assert_eq!(key_livemode("rk_live_abc"), Some(true));
+        assert_eq!(key_livemode("sk_test_abc"), Some(false));
+        assert_eq!(key_livemode("rk_test_abc"), Some(false));
+        assert_eq!(key_livemode("whatever"), None);
+    }
 
     fn api(status: u16, should_retry: Option<bool>, kind: Option<&str>) -> StripeError {
         StripeError::Api {

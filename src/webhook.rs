@@ -1,5 +1,7 @@
 //! `POST /webhook/stripe`: a verified `checkout.session.completed` (paid) or
-//! `checkout.session.async_payment_succeeded` becomes `payment.event.success`.
+//! `checkout.session.async_payment_succeeded` becomes `payment.event.success`;
+//! `checkout.session.expired` and `checkout.session.async_payment_failed` are counted and
+//! logged with the trip id; an event of the other mode than the secret key's is ignored.
 //!
 //! The answers match the Go api-gateway's, so Stripe's dashboard and the trip system see the
 //! same thing, with its weaknesses fixed: an unpaid session publishes nothing, a publish is
@@ -65,6 +67,9 @@ pub struct WebhookSettings {
     /// Webhook requests handled at once, bodies included; one more is answered 503 before
     /// its body is read (Stripe retries it), so memory stays within this many bodies.
     pub max_concurrent: usize,
+    /// The mode of `STRIPE_SECRET_KEY` (`Some(true)`: live): an event of the other mode is
+    /// answered and ignored. `None` (mock mode, or a key of no known form): not checked.
+    pub livemode: Option<bool>,
 }
 
 /// The webhook handler's state.
@@ -78,6 +83,8 @@ pub struct Webhook {
     recent: Mutex<RecentIds>,
     /// Permits for requests being handled (see [`WebhookSettings::max_concurrent`]).
     admitted: Arc<Semaphore>,
+    /// An event of the other mode was logged.
+    warned_mode: std::sync::atomic::AtomicBool,
 }
 
 /// How a webhook request ended: the answer to Stripe and the metric label.
@@ -92,6 +99,12 @@ pub enum Reply {
     MissingMetadata,
     /// An event type the worker does not act on.
     IgnoredType,
+    /// `checkout.session.expired`: the rider never paid; counted and logged.
+    SessionExpired,
+    /// `checkout.session.async_payment_failed`: the delayed payment failed; counted and logged.
+    AsyncPaymentFailed,
+    /// An event of the other mode (live against a test key, or the reverse): ignored.
+    OtherMode,
     InvalidSignature,
     InvalidPayload,
     /// `STRIPE_WEBHOOK_KEY` is unset.
@@ -114,7 +127,10 @@ impl Reply {
             | Self::Duplicate
             | Self::Unpaid
             | Self::MissingMetadata
-            | Self::IgnoredType => StatusCode::OK,
+            | Self::IgnoredType
+            | Self::SessionExpired
+            | Self::AsyncPaymentFailed
+            | Self::OtherMode => StatusCode::OK,
             Self::InvalidSignature | Self::InvalidPayload => StatusCode::BAD_REQUEST,
             Self::NotConfigured | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -129,7 +145,10 @@ impl Reply {
             | Self::Duplicate
             | Self::Unpaid
             | Self::MissingMetadata
-            | Self::IgnoredType => "ok",
+            | Self::IgnoredType
+            | Self::SessionExpired
+            | Self::AsyncPaymentFailed
+            | Self::OtherMode => "ok",
             Self::InvalidSignature => "Invalid signature",
             Self::InvalidPayload => "Invalid payload",
             Self::NotConfigured => "Stripe webhook not configured",
@@ -148,6 +167,9 @@ impl Reply {
             Self::Unpaid => "unpaid",
             Self::MissingMetadata => "missing_metadata",
             Self::IgnoredType => "ignored_type",
+            Self::SessionExpired => "session_expired",
+            Self::AsyncPaymentFailed => "async_payment_failed",
+            Self::OtherMode => "other_mode",
             Self::InvalidSignature => "invalid_signature",
             Self::InvalidPayload => "invalid_payload",
             Self::NotConfigured => "not_configured",
@@ -189,12 +211,27 @@ pub(crate) fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
     let kind = event["type"].as_str().unwrap_or_default();
     let object = &event["data"]["object"];
     let completed = kind == "checkout.session.completed";
-    if !completed && kind != "checkout.session.async_payment_succeeded" {
+    let unpaid_end = match kind {
+        "checkout.session.expired" => Some(Reply::SessionExpired),
+        "checkout.session.async_payment_failed" => Some(Reply::AsyncPaymentFailed),
+        _ => None,
+    };
+    if !completed && unpaid_end.is_none() && kind != "checkout.session.async_payment_succeeded" {
         return Err(Reply::IgnoredType);
     }
     let Some(session_id) = object["id"].as_str().filter(|_| object.is_object()) else {
         return Err(Reply::InvalidPayload);
     };
+    if let Some(reply) = unpaid_end {
+        let trip_id = object["metadata"]["trip_id"].as_str().unwrap_or_default();
+        match reply {
+            Reply::SessionExpired => {
+                info!(event_id, session_id, trip_id, "checkout session expired unpaid")
+            }
+            _ => warn!(event_id, session_id, trip_id, "asynchronous payment failed"),
+        }
+        return Err(reply);
+    }
     let payment_status = object["payment_status"].as_str().unwrap_or_default();
     if completed && !matches!(payment_status, "paid" | "no_payment_required") {
         info!(
@@ -242,7 +279,8 @@ impl Webhook {
         let recent = Mutex::new(RecentIds::new(settings.dedup_capacity));
         let admitted = Arc::new(Semaphore::new(settings.max_concurrent));
         let publisher = AsyncMutex::new(None);
-        Self { settings, topology, pool, metrics, publisher, recent, admitted }
+        let warned_mode = std::sync::atomic::AtomicBool::new(false);
+        Self { settings, topology, pool, metrics, publisher, recent, admitted, warned_mode }
     }
 
     /// Handles one request.
@@ -263,6 +301,9 @@ impl Webhook {
             warn!(reason, "webhook signature rejected");
             return Reply::InvalidSignature;
         }
+        if let Some(reply) = self.other_mode(body) {
+            return reply;
+        }
         let paid = match read_event(body) {
             Ok(paid) => paid,
             Err(reply) => return reply,
@@ -277,6 +318,28 @@ impl Webhook {
         }
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
         self.publish_success(&paid, traceparent).await
+    }
+
+    /// An event whose `livemode` is not the secret key's mode: answered and ignored (a test
+    /// payment must never mark a live trip paid, nor the reverse). Logged once per process.
+    fn other_mode(&self, body: &[u8]) -> Option<Reply> {
+        let expected = self.settings.livemode?;
+        let event: Value = serde_json::from_slice(body).ok()?;
+        let livemode = event["livemode"].as_bool()?;
+        if livemode == expected {
+            return None;
+        }
+        if !self.warned_mode.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn!(
+                event_id = event["id"].as_str().unwrap_or_default(),
+                event_livemode = livemode,
+                key_livemode = expected,
+                "a webhook event of the other mode than STRIPE_SECRET_KEY's is ignored (is the \
+                 endpoint registered in both modes?); counted as result=\"other_mode\", logged \
+                 once"
+            );
+        }
+        Some(Reply::OtherMode)
     }
 
     /// Publishes `payment.event.success` and remembers the event id once the broker confirmed.

@@ -432,3 +432,47 @@ async fn slow_or_many_clients_are_bounded_and_payments_go_on() {
     assert_eq!(busy_metric, 8.0);
     worker.stop().await.unwrap();
 }
+
+/// The rest of the Checkout lifecycle is seen: an expired session and a failed asynchronous
+/// payment are answered, counted by result and publish nothing; a live event reaching a
+/// worker with a test key is answered and ignored, however often it comes.
+#[tokio::test]
+async fn expired_and_failed_sessions_are_counted_and_the_other_mode_is_ignored() {
+    let world = World::new("webhook-lifecycle").await;
+    let worker = start(&world).await;
+    let expired = event("evt_expired", "checkout.session.expired", "unpaid", trip_metadata());
+    let failed =
+        event("evt_failed", "checkout.session.async_payment_failed", "unpaid", trip_metadata());
+    for body in [&expired, &failed] {
+        assert_eq!(signed(&worker, body).await, (200, "ok".into()));
+    }
+    let mut live: serde_json::Value = serde_json::from_slice(&event(
+        "evt_live",
+        "checkout.session.completed",
+        "paid",
+        trip_metadata(),
+    ))
+    .unwrap();
+    live["livemode"] = json!(true);
+    let live = live.to_string().into_bytes();
+    for _ in 0..3 {
+        assert_eq!(signed(&worker, &live).await, (200, "ok".into()));
+    }
+    assert!(
+        world.client.take(SUCCESS, 1, Duration::from_millis(500)).await.is_empty(),
+        "nothing published"
+    );
+    // The same event in test mode is a payment.
+    let mut test_mode: serde_json::Value = serde_json::from_slice(&live).unwrap();
+    test_mode["livemode"] = json!(false);
+    assert_eq!(signed(&worker, test_mode.to_string().as_bytes()).await, (200, "ok".into()));
+    assert_eq!(world.client.take(SUCCESS, 1, Duration::from_secs(5)).await.len(), 1);
+    let (_, metrics) = testkit::http_get(worker.http, "/metrics").await.unwrap();
+    for (result, count) in [("session_expired", 1), ("async_payment_failed", 1), ("other_mode", 3)]
+    {
+        let sample =
+            format!(r#"payment_worker_webhook_requests_total{{result="{result}"}} {count}"#);
+        assert!(metrics.contains(&sample), "{sample}");
+    }
+    worker.stop().await.unwrap();
+}
