@@ -22,13 +22,13 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use stripe_checkout::checkout_session::{
     CreateCheckoutSession, CreateCheckoutSessionLineItems, CreateCheckoutSessionLineItemsPriceData,
-    ProductData,
+    CreateCheckoutSessionPaymentIntentData, ProductData,
 };
 use stripe_client_core::{StripeMethod, StripeRequest};
 use stripe_shared::CheckoutSessionMode;
 use tokio::sync::watch;
 use tracing::field::Empty;
-use tracing::{Instrument, Span, info_span};
+use tracing::{Instrument, Span, info, info_span};
 
 use crate::breaker::{Caller, Signal, Spread, State};
 use crate::contract::CreateSession;
@@ -309,10 +309,28 @@ pub fn idempotency_key(trip_id: &str) -> String {
     format!("payment-worker:checkout-session:{trip_id}")
 }
 
+/// Which parameters a Checkout Session request carries. Stripe saves the parameters of the
+/// first request under the trip's idempotency key and answers `idempotency_error` to a later
+/// request with others, so a version that sends new parameters must still get the sessions an
+/// older version created (payments waiting in the retry tiers during a rolling upgrade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamSet {
+    /// This version's: the trip's metadata on the session and on its PaymentIntent
+    /// (`payment_intent_data[metadata]`), so refunds, disputes and charges lead to the trip.
+    Current,
+    /// The one before: metadata on the session only. Tried once after an
+    /// `idempotency_error` to the current set.
+    Previous,
+}
+
 /// The Checkout Session parameters for a command: the same command always gives the same
 /// parameters, which Stripe's idempotency check requires (the same bytes once
 /// [`metadata_in_order`] has ordered the metadata).
-pub fn checkout_params(cmd: &CreateSession, urls: &CheckoutUrls) -> CreateCheckoutSession {
+pub fn checkout_params(
+    cmd: &CreateSession,
+    urls: &CheckoutUrls,
+    set: ParamSet,
+) -> CreateCheckoutSession {
     let mut price = CreateCheckoutSessionLineItemsPriceData::new(cmd.currency.stripe().clone());
     price.product_data = Some(ProductData::new(LINE_ITEM_NAME));
     price.unit_amount = Some(cmd.amount.get());
@@ -327,31 +345,60 @@ pub fn checkout_params(cmd: &CreateSession, urls: &CheckoutUrls) -> CreateChecko
     if !cmd.driver_id.is_empty() {
         metadata.insert("driver_id".into(), cmd.driver_id.clone());
     }
+    let trip = metadata.clone();
     if let Some(slug) = &cmd.package_slug {
         metadata.insert("package_slug".into(), slug.clone());
     }
-    CreateCheckoutSession::new()
+    let params = CreateCheckoutSession::new()
         .mode(CheckoutSessionMode::Payment)
         .line_items(vec![item])
         .success_url(urls.success.clone())
         .cancel_url(urls.cancel.clone())
         .client_reference_id(cmd.trip_id.clone())
-        .metadata(metadata)
+        .metadata(metadata);
+    match set {
+        ParamSet::Previous => params,
+        ParamSet::Current => {
+            let mut intent = CreateCheckoutSessionPaymentIntentData::new();
+            intent.metadata = Some(trip);
+            params.payment_intent_data(intent)
+        }
+    }
 }
 
-/// The form body with its `metadata[…]` fields in the order of their names. async-stripe
-/// keeps metadata in a `HashMap`, whose order differs from one process to the next; Stripe
-/// compares a retried request's parameters with the first one's, so every replica must send
-/// the same bytes for the same trip. The fields of one map are written next to each other,
-/// so sorting them in place changes nothing else.
+/// The form body of the request for `cmd` with the parameter set `set`, as sent.
+pub fn checkout_form(cmd: &CreateSession, urls: &CheckoutUrls, set: ParamSet) -> String {
+    metadata_in_order(&checkout_params(cmd, urls, set).build().body.unwrap_or_default())
+}
+
+/// The form body with the fields of each metadata map (`metadata[…]`,
+/// `payment_intent_data[metadata][…]`) in the order of their names. async-stripe keeps
+/// metadata in a `HashMap`, whose order differs from one process to the next; Stripe compares
+/// a retried request's parameters with the first one's, so every replica must send the same
+/// bytes for the same trip. The fields of one map are written next to each other, so sorting
+/// them in place changes nothing else.
 pub fn metadata_in_order(form: &str) -> String {
-    fn is_metadata(field: &&str) -> bool {
-        field.starts_with("metadata[") || field.starts_with("metadata%5B")
+    /// The map a field belongs to, if it is a metadata field.
+    fn map_of(field: &str) -> Option<&'static str> {
+        const MAPS: [&str; 4] = [
+            "metadata[",
+            "metadata%5B",
+            "payment_intent_data[metadata][",
+            "payment_intent_data%5Bmetadata%5D%5B",
+        ];
+        MAPS.into_iter().find(|prefix| field.starts_with(prefix))
     }
     let mut fields: Vec<&str> = form.split('&').collect();
-    let Some(first) = fields.iter().position(is_metadata) else { return form.to_owned() };
-    let count = fields[first..].iter().take_while(|f| is_metadata(f)).count();
-    fields[first..first + count].sort_unstable();
+    let mut start = 0;
+    while start < fields.len() {
+        let Some(map) = map_of(fields[start]) else {
+            start += 1;
+            continue;
+        };
+        let count = fields[start..].iter().take_while(|f| map_of(f) == Some(map)).count();
+        fields[start..start + count].sort_unstable();
+        start += count;
+    }
     fields.join("&")
 }
 
@@ -447,7 +494,30 @@ impl StripeApi {
         cmd: &CreateSession,
         urls: &CheckoutUrls,
     ) -> Result<Session, StripeError> {
-        let request = checkout_params(cmd, urls).build();
+        match self.post_session(cmd, urls, ParamSet::Current).await {
+            Err(error) if error.is_idempotency_conflict() => {
+                // Perhaps created by the version before, with its parameters: ask once more
+                // with those. A real conflict (another amount) is a conflict with both.
+                match self.post_session(cmd, urls, ParamSet::Previous).await {
+                    Ok(session) => {
+                        info!(trip_id = %cmd.trip_id, "session created with the previous parameters");
+                        Ok(session)
+                    }
+                    Err(_) => Err(error),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// One `POST /v1/checkout/sessions` with the parameter set `set`.
+    async fn post_session(
+        &self,
+        cmd: &CreateSession,
+        urls: &CheckoutUrls,
+        set: ParamSet,
+    ) -> Result<Session, StripeError> {
+        let request = checkout_params(cmd, urls, set).build();
         debug_assert!(matches!(request.method, StripeMethod::Post));
         let uri = format!("{}v1{}", self.base, request.path);
         let form = metadata_in_order(&request.body.unwrap_or_default());
@@ -660,17 +730,46 @@ mod tests {
         let cmd =
             CreateSession::decode(&crate::contract::Envelope::encode("u-1", &payload)).unwrap();
         let urls = CheckoutUrls { success: "https://a/s".into(), cancel: "https://a/c".into() };
-        let form = |_| metadata_in_order(&checkout_params(&cmd, &urls).build().body.unwrap());
+        let form = |_| checkout_form(&cmd, &urls, ParamSet::Current);
         let first = form(0);
-        assert!(
-            first.contains("metadata[driver_id]=d-1&metadata[package_slug]=sedan&metadata[trip_id]=t-1&metadata[user_id]=u-1")
-                || first.contains("metadata%5Bdriver_id%5D=d-1&metadata%5Bpackage_slug%5D=sedan&metadata%5Btrip_id%5D=t-1&metadata%5Buser_id%5D=u-1"),
-            "{first}"
+        let decoded: Vec<String> = first
+            .split('&')
+            .map(|field| {
+                field.split('=').next().unwrap_or("").replace("%5B", "[").replace("%5D", "]")
+            })
+            .collect();
+        let keys: Vec<&str> = decoded.iter().map(String::as_str).collect();
+        let session_metadata: Vec<&str> =
+            keys.iter().copied().filter(|k| k.starts_with("metadata[")).collect();
+        assert_eq!(
+            session_metadata,
+            [
+                "metadata[driver_id]",
+                "metadata[package_slug]",
+                "metadata[trip_id]",
+                "metadata[user_id]"
+            ]
+        );
+        let intent_metadata: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| k.starts_with("payment_intent_data[metadata]["))
+            .collect();
+        assert_eq!(
+            intent_metadata,
+            [
+                "payment_intent_data[metadata][driver_id]",
+                "payment_intent_data[metadata][trip_id]",
+                "payment_intent_data[metadata][user_id]"
+            ],
+            "the trip, not the package, on the PaymentIntent"
         );
         // Every HashMap has a seed of its own, so unordered metadata would differ here.
         for attempt in 1..64 {
             assert_eq!(form(attempt), first, "attempt {attempt}");
         }
+        let previous = checkout_form(&cmd, &urls, ParamSet::Previous);
+        assert!(!previous.contains("payment_intent_data"), "{previous}");
     }
 
     #[test]

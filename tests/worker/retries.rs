@@ -239,3 +239,90 @@ async fn a_replayed_server_error_is_parked_at_once() {
     assert_eq!(world.client.take(EVENTS, 20, Duration::from_secs(15)).await.len(), 20);
     worker.stop().await.unwrap();
 }
+
+/// A rolling upgrade with payments mid-retry: the previous version created their sessions
+/// (saved by Stripe under each trip's key with the previous parameters, without the trip's
+/// metadata on the PaymentIntent) and lost the answers. This version's request differs, Stripe
+/// answers `idempotency_error`, and the worker asks once more with the previous parameters:
+/// the same session, nothing parked, nothing doubled. A real conflict (another amount) is
+/// still parked.
+#[tokio::test]
+async fn an_upgrade_mid_retry_gets_the_sessions_the_previous_version_created() {
+    use payment_worker::contract::CreateSession;
+    use payment_worker::stripe::{CheckoutUrls, ParamSet, checkout_form, idempotency_key};
+
+    let world = World::new("upgrade").await;
+    let urls = CheckoutUrls {
+        success: "http://localhost:3000?payment=success".into(),
+        cancel: "http://localhost:3000?payment=cancel".into(),
+    };
+    let stand_in: std::net::SocketAddr = world
+        .stripe
+        .base_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .unwrap();
+    let trips: Vec<String> = (0..5).map(|i| format!("upgrade-{i}")).collect();
+    let previous_version = |trip: &str, amount: f64| {
+        let body = command(trip, "u", amount, "USD");
+        let cmd = CreateSession::decode(&body).unwrap();
+        (checkout_form(&cmd, &urls, ParamSet::Previous), idempotency_key(trip))
+    };
+    for trip in trips.iter().map(String::as_str).chain(["upgrade-other-amount"]) {
+        let (form, key) = previous_version(trip, 25.0);
+        let authorization = format!("Bearer {}", testkit::stripe::SECRET_KEY);
+        let headers = [
+            ("Authorization", authorization.as_str()),
+            ("Idempotency-Key", key.as_str()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ];
+        let answer = testkit::http_request(
+            stand_in,
+            "POST",
+            "/v1/checkout/sessions",
+            &headers,
+            form.as_bytes(),
+        )
+        .await;
+        assert_eq!(
+            answer.map(|(status, _)| status),
+            Some(200),
+            "{trip}: created by the old version"
+        );
+    }
+    let created_before: Vec<String> =
+        trips.iter().map(|t| world.stripe.created_for(t)[0].id.clone()).collect();
+
+    let worker = world.start_worker(&[]).await;
+    for trip in &trips {
+        world.client.send_command(&command(trip, "u", 25.0, "USD")).await;
+    }
+    world.client.send_command(&command("upgrade-other-amount", "u", 30.0, "USD")).await;
+    let events = world.client.take(EVENTS, trips.len(), Duration::from_secs(15)).await;
+    assert_eq!(events.len(), trips.len());
+    for (trip, session) in trips.iter().zip(&created_before) {
+        let event = events.iter().find(|e| &trip_of(e) == trip).expect("its event");
+        assert_eq!(inner(&event.body)["sessionID"], session.as_str(), "{trip}: the old session");
+        assert_eq!(world.stripe.created_for(trip).len(), 1, "{trip}: one session");
+        assert_eq!(world.stripe.seen_for(trip).len(), 3, "{trip}: old, new, previous again");
+    }
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(10)).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(trip_of(&parked[0]), "upgrade-other-amount");
+    assert_eq!(
+        parked[0].header_string("payment-park-reason").as_deref(),
+        Some("idempotency_conflict")
+    );
+    assert!(world.client.take(PARKED, 1, Duration::from_millis(300)).await.is_empty());
+
+    // New payments carry the trip on the PaymentIntent.
+    world.client.send_command(&command("upgrade-new", "u", 25.0, "USD")).await;
+    assert_eq!(world.client.take(EVENTS, 1, Duration::from_secs(10)).await.len(), 1);
+    let params = &world.stripe.created_for("upgrade-new")[0].params;
+    for key in ["trip_id", "user_id"] {
+        let field = format!("payment_intent_data[metadata][{key}]");
+        assert!(params.contains_key(&field), "{field} in {params:?}");
+    }
+    worker.stop().await.unwrap();
+}
