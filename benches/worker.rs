@@ -712,7 +712,9 @@ async fn sickness_run(trouble: &Trouble, extra: &[&str]) -> Sickness {
     let collector = {
         let uri = vhost.uri();
         tokio::spawn(async move {
-            Client::connect(&uri).await.take(EVENTS, healthy, Duration::from_secs(600)).await
+            // What is not done 30 s after the last payment was sent is not coming (parked).
+            let within = Duration::from_secs(seconds + 30);
+            Client::connect(&uri).await.take(EVENTS, healthy, within).await
         })
     };
     let client = Client::connect(&vhost.uri()).await;

@@ -70,12 +70,11 @@ impl Default for PacerSettings {
     }
 }
 
-/// A slot taken: when the call went out, whether it had to wait for it, and whether the
-/// rate (not a throttle or a hold) was what it waited for.
+/// A slot taken: when the call went out, and whether the rate (not a throttle or a hold) was
+/// the bottleneck for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
     pub at: Instant,
-    pub waited: bool,
     pub paced: bool,
 }
 
@@ -181,7 +180,7 @@ impl Pacer {
         if paced {
             self.last_paced = Some(now);
         }
-        Turn::Go(Slot { at: now, waited: waited.is_some(), paced })
+        Turn::Go(Slot { at: now, paced })
     }
 
     /// Stripe answered a call (not a 429, not a failure of Stripe's). Grows the rate if the
@@ -281,7 +280,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pacer::new(PacerSettings::default(), t0);
         let slots: Vec<Slot> = (0..30).map(|_| next(&mut p, t0)).collect();
-        assert!(slots[..25].iter().all(|s| s.at == t0 && !s.waited), "25 at once");
+        assert!(slots[..25].iter().all(|s| s.at == t0), "25 at once");
         assert!(slots[25..].iter().all(|s| s.at == t0 + ms(1000) && s.paced), "then a second");
         // After an idle second the next burst goes at once.
         let later = t0 + ms(3000);
@@ -395,7 +394,7 @@ mod tests {
             if i % 2 == 0 {
                 p.on_failure(now, now);
             } else {
-                p.on_answer(now, Slot { at: now, waited: false, paced: false });
+                p.on_answer(now, Slot { at: now, paced: false });
             }
         }
         assert_eq!(p.allowed(t0 + ms(5000)), 25.0);
@@ -406,7 +405,7 @@ mod tests {
             if i % 10 < 7 {
                 p.on_failure(now, now);
             } else {
-                p.on_answer(now, Slot { at: now, waited: false, paced: false });
+                p.on_answer(now, Slot { at: now, paced: false });
             }
         }
         let allowed = p.allowed(t0 + ms(5000));
@@ -452,7 +451,7 @@ mod tests {
         assert!(!p.hold_until(later, hold, "poison"), "the same payment again: no new hold");
         assert_eq!(next(&mut p, later).at, later, "the others go on");
         assert!(p.hold_until(later, hold, "other"), "another payment's Retry-After counts");
-        p.on_answer(later, Slot { at: later, waited: false, paced: false });
+        p.on_answer(later, Slot { at: later, paced: false });
         assert!(
             p.hold_until(later + ms(6_000), hold, "poison"),
             "after an answer, it counts again"
