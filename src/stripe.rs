@@ -145,9 +145,16 @@ impl StripeError {
         matches!(self, Self::Api { status: 500.., replayed: true, .. })
     }
 
-    /// The same trip arrived again with different parameters (a changed amount).
+    /// An `idempotency_error`: the trip's key is in use by a concurrent request (a 409,
+    /// transient) or was first used with other parameters (a changed amount).
     pub fn is_idempotency_conflict(&self) -> bool {
         matches!(self, Self::Api { kind: Some(kind), .. } if kind == "idempotency_error")
+    }
+
+    /// The trip's key was first used with other parameters: the `idempotency_error` that no
+    /// retry with the same request can change (not the 409 of a concurrent request).
+    pub fn is_parameter_mismatch(&self) -> bool {
+        self.is_idempotency_conflict() && !self.is_transient()
     }
 
     /// A bounded label for metrics.
@@ -495,7 +502,7 @@ impl StripeApi {
         urls: &CheckoutUrls,
     ) -> Result<Session, StripeError> {
         match self.post_session(cmd, urls, ParamSet::Current).await {
-            Err(error) if error.is_idempotency_conflict() => {
+            Err(error) if error.is_parameter_mismatch() => {
                 // Perhaps created by the version before, with its parameters: ask once more
                 // with those. A real conflict (another amount) is a conflict with both.
                 match self.post_session(cmd, urls, ParamSet::Previous).await {
@@ -633,8 +640,10 @@ mod tests {
         assert!(!api(500, Some(false), None).is_transient(), "Stripe-Should-Retry: false wins");
         assert!(api(400, Some(true), None).is_transient(), "Stripe-Should-Retry: true wins");
         let conflict = api(400, None, Some("idempotency_error"));
-        assert!(conflict.is_idempotency_conflict() && !conflict.is_transient());
+        assert!(conflict.is_parameter_mismatch() && !conflict.is_transient());
         assert_eq!(conflict.class(), "idempotency_conflict");
+        let concurrent = api(409, Some(true), Some("idempotency_error"));
+        assert!(concurrent.is_transient() && !concurrent.is_parameter_mismatch());
     }
 
     #[test]

@@ -1013,7 +1013,7 @@ fn call_failure(error: CallError) -> Failure {
             Class::Permanent(ParkReason::StripeReplayedError)
         }
         Signal::Answered if error.is_transient() => Class::Transient,
-        Signal::Answered if error.is_idempotency_conflict() => {
+        Signal::Answered if error.is_parameter_mismatch() => {
             Class::Permanent(ParkReason::IdempotencyConflict)
         }
         Signal::Answered if matches!(error, StripeError::BadResponse(_)) => {
