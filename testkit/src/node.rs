@@ -64,6 +64,14 @@ impl RabbitNode {
             tls_port
         });
         std::fs::write(dir.join("rabbitmq.conf"), config).expect("node config");
+        // A quorum wait queue's at-least-once dead-lettering resends what its target did not
+        // confirm after this long (180 s by default): a retry dead-lettered as the work
+        // queue's leader dies would arrive three minutes late, after the tests' deadlines.
+        std::fs::write(
+            dir.join("advanced.config"),
+            "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].\n",
+        )
+        .expect("advanced config");
         std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("plugins file");
         let node = Self { name, port, dist_port, tls_port, dir };
         node.boot();
@@ -98,6 +106,7 @@ impl RabbitNode {
             .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
             .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", self.dir.join("advanced.config"))
             .env("RABBITMQ_PID_FILE", self.dir.join("pid"))
             // The CLI tools and the node must share the Erlang cookie.
             .env("HOME", "/var/lib/rabbitmq");

@@ -157,7 +157,17 @@ async fn a_cluster_node_killed_under_load_then_a_whole_cluster_restart_lose_noth
             break missing;
         }
     };
-    assert!(missing.is_empty(), "every trip has its event; missing: {missing:?}");
+    if !missing.is_empty() {
+        let client = peer.client().await;
+        let mut depths = Vec::new();
+        for queue in [WORK, PARKED].into_iter().chain(WAIT_QUEUES) {
+            depths.push((queue, client.try_depth(queue).await));
+        }
+        let calls: Vec<usize> = missing.iter().map(|t| world.stripe.seen_for(t).len()).collect();
+        panic!(
+            "every trip has its event; missing: {missing:?} (Stripe calls {calls:?}, {depths:?})"
+        );
+    }
 
     // One session per trip; every event of a trip carries it.
     let mut sessions: HashMap<String, String> = HashMap::new();
