@@ -159,7 +159,7 @@ impl Metrics {
             .register_in(&registry),
             channel_errors: IntCounter::new(
                 "payment_worker_channel_errors_total",
-                "Channel or connection failures seen by the worker",
+                "Broker sessions ended by a channel or connection failure, or restarted after a refused event",
             )
             .register_in(&registry),
             publish_failures: IntCounterVec::new(

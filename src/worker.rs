@@ -6,7 +6,8 @@
 //! * **succeeded**: the Checkout Session exists, `payment.event.session_created` is confirmed,
 //!   the command is acked;
 //! * **retried**: a transient failure; a copy with the next delay as TTL is confirmed into its
-//!   wait queue (which dead-letters it back to the work queue), the command is acked;
+//!   wait queue (which dead-letters it back to the work queue), the command is acked; when
+//!   the failure was the broker nacking the event, the session then starts over;
 //! * **parked**: a permanent failure or the last attempt; a copy is confirmed into the parking
 //!   queue, the command is acked;
 //! * **requeued**: not even the parked copy was accepted; the command is nacked back;
@@ -284,6 +285,7 @@ impl Worker {
             wait_budget: self.settings.wait_budget,
             publisher: opened.publisher,
             connection_failed: connection_failed.clone(),
+            event_refused: CancellationToken::new(),
         });
         let mut tasks = Tasks { handler, set: JoinSet::new(), in_flight: HashMap::new() };
         let mut intake = Intake::Consuming(opened.consumer);
@@ -362,6 +364,7 @@ impl Worker {
         connection_failed: &CancellationToken,
     ) -> Option<String> {
         let mut circuit = self.gateway.circuit();
+        let event_refused = tasks.handler.event_refused.clone();
         // The task handling the message fetched to probe Stripe, while it runs.
         let mut probe = None;
         loop {
@@ -374,6 +377,9 @@ impl Worker {
                 () = shutdown.cancelled() => return None,
                 () = connection_failed.cancelled() => {
                     return Some("a channel failed while publishing".to_owned());
+                }
+                () = event_refused.cancelled() => {
+                    return Some("the broker refused an event; starting over on a new channel".to_owned());
                 }
                 Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
                     if probe == Some(id) {
@@ -614,6 +620,9 @@ struct Handler {
     publisher: Publisher,
     /// Cancelled when a publish finds the channel broken: the connection must start over.
     connection_failed: CancellationToken,
+    /// Cancelled once a delivery whose event the broker refused is settled: the session
+    /// starts over on a new channel (see [`Failure::refused_event`]).
+    event_refused: CancellationToken,
 }
 
 /// Why an attempt, or the publish of its replacement, did not succeed; `detail` is recorded
@@ -621,11 +630,15 @@ struct Handler {
 struct Failure {
     class: Class,
     detail: String,
+    /// The broker nacked the result event. A channel that began publishing to a quorum
+    /// queue while its leader was being elected can go on being refused by it (RabbitMQ
+    /// 3.10), so the session starts over once this delivery is settled.
+    refused_event: bool,
 }
 
 impl Failure {
     fn new(class: Class, detail: impl Into<String>) -> Self {
-        Self { class, detail: detail.into() }
+        Self { class, detail: detail.into(), refused_event: false }
     }
 }
 
@@ -685,6 +698,7 @@ impl Handler {
             if let Some(failure) = &failure {
                 trace::failed(&outcome_span, &failure.detail);
             }
+            let refused_event = failure.as_ref().is_some_and(|f| f.refused_event);
             let attempted = FailedAttempt {
                 origin: &origin,
                 state: &state,
@@ -699,6 +713,9 @@ impl Handler {
                 outcome_span.record("payment.park_reason", reason.as_str());
             }
             self.settle(&delivery, outcome).await;
+            if refused_event {
+                self.event_refused.cancel();
+            }
             self.metrics.record_outcome(outcome, attempt, self.topology.max_attempts());
             self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
             if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
@@ -823,7 +840,10 @@ impl Handler {
                 Ok(())
             }
             Err(e) if e.is_channel_failure() => Err(Failure::new(Class::Channel, e.to_string())),
-            Err(e) => Err(Failure::new(Class::Transient, format!("publishing {routing_key}: {e}"))),
+            Err(e) => Err(Failure {
+                refused_event: matches!(e, PublishError::Nacked),
+                ..Failure::new(Class::Transient, format!("publishing {routing_key}: {e}"))
+            }),
         }
     }
 

@@ -1,4 +1,5 @@
-//! Reaching the broker: several URIs (a cluster's nodes), secrets read from files.
+//! Reaching the broker: several URIs (a cluster's nodes), secrets read from files, a broker
+//! that refuses the result event.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +7,7 @@ use testkit::amqp::command;
 use testkit::http_get;
 use testkit::stripe::SECRET_KEY;
 
-use crate::helpers::{EVENTS, World, wait_ready};
+use crate::helpers::{EVENTS, PARKED, World, metric, wait_ready};
 
 #[tokio::test]
 async fn a_node_that_refuses_or_hangs_is_passed_over_at_once() {
@@ -97,4 +98,39 @@ async fn a_silent_node_does_not_cut_the_backoff_short() {
     // Four sessions of 0.2 s with three delays of at least 1 s between them, not four back to
     // back.
     assert!(elapsed >= Duration::from_millis(3_000), "gave up after {elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_refused_event_spends_an_attempt_and_starts_a_new_session() {
+    let world = World::new("refused-event").await;
+    let worker = world.start_worker(&[]).await;
+    // The gateway's queue refuses everything (a policy, as an operator would set one): the
+    // broker nacks every session_created event.
+    let vhost = world.vhost.name();
+    let policy = r#"{"max-length":0,"overflow":"reject-publish"}"#;
+    let queues = ["--apply-to", "queues"];
+    testkit::vhost::rabbitmqctl(
+        &[&["set_policy", "-p", vhost, "refuse", &format!("^{EVENTS}$"), policy], &queues[..]]
+            .concat(),
+    );
+    world.client.send_command(&command("refused", "u", 100.0, "USD")).await;
+
+    let parked = world.client.take(PARKED, 1, Duration::from_secs(20)).await;
+    assert_eq!(parked.len(), 1, "parked after its last attempt");
+    assert_eq!(
+        parked[0].header_string("payment-park-reason").as_deref(),
+        Some("retries_exhausted")
+    );
+    assert_eq!(world.stripe.seen_for("refused").len(), 4, "one call per attempt");
+    assert_eq!(world.stripe.created_for("refused").len(), 1, "one session, replayed");
+    // Each refusal ended the session once the delivery was settled.
+    let restarts = metric(worker.http, "payment_worker_channel_errors_total").await;
+    assert!(restarts >= 4.0, "a new session after each refused event: {restarts}");
+
+    // Once the queue accepts again, payments flow on the current session.
+    testkit::vhost::rabbitmqctl(&["clear_policy", "-p", vhost, "refuse"]);
+    wait_ready(worker.http).await;
+    world.client.send_command(&command("accepted", "u", 100.0, "USD")).await;
+    assert_eq!(world.client.take(EVENTS, 1, Duration::from_secs(10)).await.len(), 1);
+    worker.stop().await.unwrap();
 }
