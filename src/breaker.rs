@@ -23,7 +23,11 @@
 //!
 //! **Circuit.** The full stop is for when nearly nothing gets through: the breaker opens when
 //! at least `open_ratio` (by default all) of the newest `min_calls` payments failed, or
-//! `consecutive` failed and none was answered. Open, no call goes through until `cooldown` has passed; each failed probe
+//! `consecutive` failed and none was answered, or Stripe has answered no call at all for
+//! [`OUTAGE_RUN`] while `consecutive` distinct payments failed on their first attempt (an
+//! outage that begins among healthy traffic: the window's answers from before it would
+//! otherwise hold the circuit closed until `min_calls` new payments had failed, while the
+//! deferred ones are called again and again). Open, no call goes through until `cooldown` has passed; each failed probe
 //! doubles it up to `max_cooldown` (by default the same: recovery is at most one cool-down
 //! after Stripe heals). Half-open, exactly one call, the probe, goes through; a payment that
 //! already spent an attempt is not taken as a probe (its failure would say nothing about
@@ -39,6 +43,11 @@ use std::time::{Duration, Instant};
 
 /// How long an answer stays evidence.
 pub const HORIZON: Duration = Duration::from_secs(10);
+
+/// How long Stripe answers nothing (while `consecutive` payments fail) before the circuit
+/// opens although the window still holds answers from before: longer than a second of
+/// flapping, short against a real outage.
+pub const OUTAGE_RUN: Duration = Duration::from_secs(2);
 
 /// Suspect payments passed over for the probe in one half-open period, at most; then one
 /// is taken, so a queue holding only suspects cannot keep the circuit open for ever.
@@ -169,12 +178,23 @@ pub struct Breaker {
     window: VecDeque<Entry>,
     /// The payments in `window`.
     seen: HashSet<String>,
+    /// Payments that failed on their first attempt since Stripe last answered any call, and
+    /// when the first of them failed.
+    run: HashSet<String>,
+    run_since: Option<Instant>,
     inner: Inner,
 }
 
 impl Breaker {
     pub fn new(settings: BreakerSettings) -> Self {
-        Self { settings, window: VecDeque::new(), seen: HashSet::new(), inner: Inner::Closed }
+        Self {
+            settings,
+            window: VecDeque::new(),
+            seen: HashSet::new(),
+            run: HashSet::new(),
+            run_since: None,
+            inner: Inner::Closed,
+        }
     }
 
     pub fn state(&self) -> State {
@@ -238,9 +258,16 @@ impl Breaker {
         self.expire(now);
         let failed = match signal {
             Signal::Throttled => return Spread::Isolated,
-            Signal::Answered => false,
+            Signal::Answered => {
+                self.end_run();
+                false
+            }
             Signal::Failed => true,
         };
+        if failed && !caller.suspect {
+            self.run_since.get_or_insert(now);
+            self.run.insert(caller.payment.to_owned());
+        }
         if !caller.suspect && self.seen.insert(caller.payment.to_owned()) {
             self.window.push_back(Entry { at: now, payment: caller.payment.to_owned(), failed });
             if self.window.len() > self.settings.window {
@@ -251,10 +278,24 @@ impl Breaker {
             return Spread::Isolated;
         }
         let (grade, open) = self.grade();
-        if open {
+        if open || self.outage_run(now) {
             self.open(now, self.settings.cooldown);
+            return Spread::Widespread;
         }
         grade
+    }
+
+    /// Stripe answered nothing for [`OUTAGE_RUN`] while `consecutive` payments failed.
+    fn outage_run(&self, now: Instant) -> bool {
+        self.run.len() >= self.settings.consecutive
+            && self
+                .run_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= OUTAGE_RUN)
+    }
+
+    fn end_run(&mut self) {
+        self.run.clear();
+        self.run_since = None;
     }
 
     /// What the window says: the grade of a Stripe-wide failure now, and whether the circuit
@@ -311,12 +352,14 @@ impl Breaker {
                 self.inner = Inner::Closed;
                 self.window.clear();
                 self.seen.clear();
+                self.end_run();
                 Spread::Isolated
             }
         }
     }
 
     fn open(&mut self, now: Instant, cooldown: Duration) {
+        self.end_run();
         self.inner = Inner::Open { until: now + cooldown, cooldown };
     }
 }
@@ -404,6 +447,44 @@ mod tests {
         let spreads = feed(&mut b, t0, 1, |_| true);
         assert_eq!(b.state(), State::Open { until: t0 + 5 * SECOND }, "the newest 20 failed");
         assert_eq!(*spreads.last().unwrap(), Spread::Widespread);
+    }
+
+    #[test]
+    fn an_outage_among_answered_payments_opens_it_after_two_seconds_without_an_answer() {
+        let (mut b, t0) = breaker();
+        feed(&mut b, t0, 50, |_| false);
+        // Four new payments a second, all failing: the window still holds the 50 answers.
+        let quarter = Duration::from_millis(250);
+        for i in 0..8u32 {
+            b.record(t0 + quarter * i, Signal::Failed, false, fresh(&payment()));
+            assert_eq!(b.state(), State::Closed, "{} ms without an answer", 250 * i);
+        }
+        let spread = b.record(t0 + quarter * 8, Signal::Failed, false, fresh(&payment()));
+        assert_eq!(spread, Spread::Widespread);
+        assert_eq!(b.state(), State::Open { until: t0 + 7 * SECOND });
+    }
+
+    #[test]
+    fn a_second_without_answers_or_one_payment_failing_for_long_is_no_outage() {
+        let (mut b, t0) = breaker();
+        feed(&mut b, t0, 50, |_| false);
+        let tenth = Duration::from_millis(100);
+        let mut now = t0;
+        for _ in 0..10 {
+            // Flapping: ten payments fail for a second, then one is answered.
+            for _ in 0..10 {
+                now += tenth;
+                b.record(now, Signal::Failed, false, fresh(&payment()));
+            }
+            b.record(now, Signal::Answered, false, fresh(&payment()));
+        }
+        assert_eq!(b.state(), State::Closed, "no two seconds without an answer");
+        for _ in 0..100 {
+            now += tenth;
+            b.record(now, Signal::Failed, false, Caller { payment: "poison", suspect: false });
+            b.record(now, Signal::Failed, false, Caller { payment: "retried", suspect: true });
+        }
+        assert_eq!(b.state(), State::Closed, "ten seconds of one payment failing");
     }
 
     #[test]

@@ -529,6 +529,25 @@ mod simulation {
             ),
             (
                 Scenario {
+                    name: "outage at 4/s",
+                    rate: 4,
+                    seconds: 40,
+                    trouble: (5.0, 35.0),
+                    answer: |t, _, _| {
+                        if (5.0..35.0).contains(&t) { Answer::Fail } else { Answer::Ok }
+                    },
+                },
+                Expect {
+                    calls_per_payment: 1.2,
+                    calls_in_trouble: 30,
+                    parked: none,
+                    done_before_heal: 0.0,
+                    openings: 5..=7,
+                    healthy_p99: 12.0,
+                },
+            ),
+            (
+                Scenario {
                     name: "brownout 30%",
                     rate: 10,
                     seconds: 50,
