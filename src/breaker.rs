@@ -23,11 +23,12 @@
 //!
 //! **Circuit.** The full stop is for when nearly nothing gets through: the breaker opens when
 //! at least `open_ratio` (by default all) of the newest `min_calls` payments failed, or
-//! `consecutive` failed and none was answered, or Stripe has answered no call at all for
-//! [`OUTAGE_RUN`] while `consecutive` distinct payments failed on their first attempt (an
-//! outage that begins among healthy traffic: the window's answers from before it would
-//! otherwise hold the circuit closed until `min_calls` new payments had failed, while the
-//! deferred ones are called again and again). Open, no call goes through until `cooldown` has passed; each failed probe
+//! `consecutive` failed and none was answered, or Stripe has answered none of the last
+//! `min_calls` calls, over at least [`OUTAGE_RUN`], while `consecutive` distinct payments
+//! failed on their first attempt among them (an outage that begins among healthy traffic:
+//! the window's answers from before it would otherwise hold the circuit closed until
+//! `min_calls` new payments had failed, while the deferred ones are called again and again;
+//! in a 75 % brownout, twenty failed calls in a row are rare). Open, no call goes through until `cooldown` has passed; each failed probe
 //! doubles it up to `max_cooldown` (by default the same: recovery is at most one cool-down
 //! after Stripe heals). Half-open, exactly one call, the probe, goes through; a payment that
 //! already spent an attempt is not taken as a probe (its failure would say nothing about
@@ -44,9 +45,9 @@ use std::time::{Duration, Instant};
 /// How long an answer stays evidence.
 pub const HORIZON: Duration = Duration::from_secs(10);
 
-/// How long Stripe answers nothing (while `consecutive` payments fail) before the circuit
-/// opens although the window still holds answers from before: longer than a second of
-/// flapping, short against a real outage.
+/// How long Stripe must have answered none of `min_calls` calls (from `consecutive` payments)
+/// before the circuit opens although the window still holds answers from before: longer than
+/// a second of flapping, short against a real outage.
 pub const OUTAGE_RUN: Duration = Duration::from_secs(2);
 
 /// Suspect payments passed over for the probe in one half-open period, at most; then one
@@ -178,9 +179,10 @@ pub struct Breaker {
     window: VecDeque<Entry>,
     /// The payments in `window`.
     seen: HashSet<String>,
-    /// Payments that failed on their first attempt since Stripe last answered any call, and
-    /// when the first of them failed.
+    /// Since Stripe last answered any call: the payments that failed on their first attempt,
+    /// the failed calls (of any payment), and when the first of them failed.
     run: HashSet<String>,
+    run_calls: usize,
     run_since: Option<Instant>,
     inner: Inner,
 }
@@ -192,6 +194,7 @@ impl Breaker {
             window: VecDeque::new(),
             seen: HashSet::new(),
             run: HashSet::new(),
+            run_calls: 0,
             run_since: None,
             inner: Inner::Closed,
         }
@@ -264,9 +267,12 @@ impl Breaker {
             }
             Signal::Failed => true,
         };
-        if failed && !caller.suspect {
+        if failed {
             self.run_since.get_or_insert(now);
-            self.run.insert(caller.payment.to_owned());
+            self.run_calls += 1;
+            if !caller.suspect {
+                self.run.insert(caller.payment.to_owned());
+            }
         }
         if !caller.suspect && self.seen.insert(caller.payment.to_owned()) {
             self.window.push_back(Entry { at: now, payment: caller.payment.to_owned(), failed });
@@ -285,9 +291,11 @@ impl Breaker {
         grade
     }
 
-    /// Stripe answered nothing for [`OUTAGE_RUN`] while `consecutive` payments failed.
+    /// Stripe answered none of `min_calls` calls over [`OUTAGE_RUN`], `consecutive` payments
+    /// failing among them.
     fn outage_run(&self, now: Instant) -> bool {
-        self.run.len() >= self.settings.consecutive
+        self.run_calls >= self.settings.min_calls
+            && self.run.len() >= self.settings.consecutive
             && self
                 .run_since
                 .is_some_and(|since| now.saturating_duration_since(since) >= OUTAGE_RUN)
@@ -295,6 +303,7 @@ impl Breaker {
 
     fn end_run(&mut self) {
         self.run.clear();
+        self.run_calls = 0;
         self.run_since = None;
     }
 
@@ -453,12 +462,24 @@ mod tests {
     fn an_outage_among_answered_payments_opens_it_after_two_seconds_without_an_answer() {
         let (mut b, t0) = breaker();
         feed(&mut b, t0, 50, |_| false);
-        // Four new payments a second, all failing: the window still holds the 50 answers.
+        // Four new payments a second, all failing, each called again a second later: the
+        // window still holds the 50 answers.
         let quarter = Duration::from_millis(250);
+        let mut failing = Vec::new();
         for i in 0..8u32 {
-            b.record(t0 + quarter * i, Signal::Failed, false, fresh(&payment()));
+            let now = t0 + quarter * i;
+            failing.push(payment());
+            b.record(now, Signal::Failed, false, fresh(failing.last().unwrap()));
+            if let Some(again) = failing.len().checked_sub(5).map(|k| &failing[k]) {
+                b.record(now, Signal::Failed, false, fresh(again));
+            }
             assert_eq!(b.state(), State::Closed, "{} ms without an answer", 250 * i);
         }
+        // Twenty calls, none answered, but in under two seconds.
+        for again in &failing {
+            b.record(t0 + quarter * 7, Signal::Failed, false, fresh(again));
+        }
+        assert_eq!(b.state(), State::Closed, "under two seconds");
         let spread = b.record(t0 + quarter * 8, Signal::Failed, false, fresh(&payment()));
         assert_eq!(spread, Spread::Widespread);
         assert_eq!(b.state(), State::Open { until: t0 + 7 * SECOND });
