@@ -23,6 +23,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use crate::error_chain;
 
 /// A pool of connections to the broker.
+/// The longest wait for a free connection of a [`Pool`] whose connections are all in use.
+pub const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub type Pool = managed::Pool<Connector>;
 /// Why the pool gave no connection.
 pub type PoolError = managed::PoolError<ConnectError>;
@@ -211,7 +214,8 @@ impl BrokerAccess {
         false
     }
 
-    /// A pool of at most `max_size` connections named `connection_name`.
+    /// A pool of at most `max_size` connections named `connection_name`. A caller waits at
+    /// most [`POOL_WAIT`] for one while all are taken.
     ///
     /// # Panics
     /// Never: the pool's settings are fixed here and valid.
@@ -221,6 +225,7 @@ impl BrokerAccess {
             .max_size(max_size)
             .runtime(Runtime::Tokio1)
             .recycle_timeout(Some(self.inner.connect_timeout))
+            .wait_timeout(Some(POOL_WAIT))
             .build()
             .expect("a pool with a runtime and a size builds")
     }
