@@ -16,6 +16,7 @@ use crate::config::{ConfigError, RunArgs};
 use crate::flow::FlowControl;
 use crate::health::Readiness;
 use crate::http::{HttpLimits, HttpState, router, serve};
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::stripe::{Gateway, StripeApi, key_livemode};
 use crate::topology::{QueueType, Topology};
@@ -43,6 +44,7 @@ pub struct App {
     http_limits: HttpLimits,
     topology: Arc<Topology>,
     pool: Pool,
+    ledger: Arc<Ledger>,
     depth_interval: Duration,
 }
 
@@ -76,7 +78,8 @@ impl App {
             .await
             .map_err(|source| StartError::Bind { addr: args.http_addr, source })?;
         let readiness = Readiness::new(metrics.ready.clone());
-        let pool = broker.pool("payment-worker", 2);
+        // The consumer session, the outbox's session, and the webhook and depth poller briefly.
+        let pool = broker.pool("payment-worker", 3);
         if gateway.is_mock() {
             warn!(
                 "MOCK MODE: STRIPE_SECRET_KEY is unset, sessions are fake \
@@ -111,16 +114,17 @@ impl App {
             urls: args.checkout_urls(),
             wait_budget: args.stripe_wait_budget()?,
         };
+        let ledger = Arc::new(Ledger::new(&topology.success.ledger, Some(metrics.clone())));
         let webhook = Arc::new(Webhook::new(
             WebhookSettings {
                 secrets: webhook_secrets,
                 tolerance: args.stripe_webhook_tolerance,
-                dedup_capacity: args.webhook_dedup_capacity,
                 max_concurrent: args.webhook_max_concurrent as usize,
                 livemode,
             },
             topology.clone(),
             pool.clone(),
+            ledger.clone(),
             metrics.clone(),
         ));
         let worker = Worker::new(
@@ -140,6 +144,7 @@ impl App {
             http_limits: args.http_limits(),
             topology,
             pool,
+            ledger,
             depth_interval: args.queue_depth_interval,
         })
     }
@@ -171,15 +176,24 @@ impl App {
             self.depth_interval,
             stop_http.clone(),
         ));
+        let relay = tokio::spawn(crate::outbox::relay(
+            self.ledger,
+            self.pool.clone(),
+            self.topology.clone(),
+            self.http.metrics.clone(),
+            self.http.readiness.clone(),
+            stop_http.clone(),
+        ));
         let result = self.worker.run(shutdown).await;
         stop_http.cancel();
         let _ = poller.await;
         let _ = server.await;
+        let _ = relay.await;
         result
     }
 }
 
-/// Reads the ready message count of the work, wait and parking queues every `interval`, with
+/// Reads the ready message count of the work, wait, parking and outbox queues every `interval`, with
 /// passive declarations (which change nothing), for `payment_worker_queue_messages`.
 async fn poll_queue_depths(
     pool: Pool,
@@ -191,6 +205,7 @@ async fn poll_queue_depths(
     let mut queues = vec![
         (topology.work_queue.name.clone(), "work"),
         (topology.parking.queue.clone(), "parked"),
+        (topology.success.outbox.clone(), "outbox"),
     ];
     for delay in &topology.retry.delays {
         queues.push((topology.wait_queue(delay), "wait"));

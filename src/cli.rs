@@ -14,6 +14,7 @@ use crate::config::{ConfigError, RunArgs};
 use crate::ops::parked::ParkedCommand;
 use crate::ops::send::SendArgs;
 use crate::ops::topology::TopologyCommand;
+use crate::reconcile::ReconcileArgs;
 use crate::topology::{Topology, TopologyError};
 
 #[derive(Parser)]
@@ -86,6 +87,9 @@ pub enum Command {
     Parked(ParkedCommand),
     /// Publish one `payment.cmd.create_session`, as trip-service would.
     Send(SendArgs),
+    /// Mark paid the trips whose webhooks failed: list Stripe's undelivered Checkout events
+    /// and publish each paid one's `payment.event.success`, once.
+    Reconcile(Box<ReconcileArgs>),
 }
 
 impl GlobalArgs {

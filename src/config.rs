@@ -2,7 +2,7 @@
 //! wherever one is safe. Bad values stop the program at start with the setting's name.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -128,10 +128,6 @@ pub struct RunArgs {
     #[arg(long, env = "HTTP_BODY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub http_body_timeout: Duration,
 
-    /// Stripe event ids remembered to drop duplicate webhook deliveries.
-    #[arg(long, env = "WEBHOOK_DEDUP_CAPACITY", default_value_t = 10_000)]
-    pub webhook_dedup_capacity: usize,
-
     /// How long a payment may keep being deferred (Stripe down or rate-limiting) since it
     /// first arrived before it is parked `stripe_unavailable`; at most 12h, inside Stripe's
     /// 24 h idempotency window.
@@ -211,24 +207,7 @@ impl RunArgs {
     /// # Errors
     /// When the key is set but blank.
     pub fn stripe_secret_key(&self) -> Result<Option<SecretString>, ConfigError> {
-        let Some((key, setting, flag)) = secret_setting(
-            self.stripe_secret_key.as_deref(),
-            self.stripe_secret_key_file.as_deref(),
-            ("STRIPE_SECRET_KEY", "stripe-secret-key"),
-            ("STRIPE_SECRET_KEY_FILE", "stripe-secret-key-file"),
-        )?
-        else {
-            return Ok(None);
-        };
-        let text = key.expose_secret();
-        if text.trim().is_empty() || text.chars().any(char::is_control) {
-            return Err(ConfigError::new(
-                setting,
-                flag,
-                "blank or contains control characters; unset it for mock mode",
-            ));
-        }
-        Ok(Some(key))
+        stripe_secret_key(self.stripe_secret_key.as_deref(), self.stripe_secret_key_file.as_deref())
     }
 
     /// The webhook signing secrets; empty when unset.
@@ -392,8 +371,36 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// `STRIPE_SECRET_KEY` or `STRIPE_SECRET_KEY_FILE`; `None` when neither is set.
+///
+/// # Errors
+/// When both are set, the file cannot be read, or the key is blank.
+pub fn stripe_secret_key(
+    value: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<SecretString>, ConfigError> {
+    let Some((key, setting, flag)) = secret_setting(
+        value,
+        file,
+        ("STRIPE_SECRET_KEY", "stripe-secret-key"),
+        ("STRIPE_SECRET_KEY_FILE", "stripe-secret-key-file"),
+    )?
+    else {
+        return Ok(None);
+    };
+    let text = key.expose_secret();
+    if text.trim().is_empty() || text.chars().any(char::is_control) {
+        return Err(ConfigError::new(
+            setting,
+            flag,
+            "blank or contains control characters; unset it for mock mode",
+        ));
+    }
+    Ok(Some(key))
+}
+
 /// Requests per second: a finite number above zero, at most 100,000.
-fn parse_rate(text: &str) -> Result<f64, String> {
+pub fn parse_rate(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 && rate <= 100_000.0 => Ok(rate),
         _ => Err("must be a number of requests per second above 0 and at most 100000".into()),
@@ -424,7 +431,7 @@ fn parse_ratio(text: &str) -> Result<f64, String> {
     }
 }
 
-fn parse_http_url(text: &str) -> Result<String, String> {
+pub fn parse_http_url(text: &str) -> Result<String, String> {
     let uri: hyper::Uri = text.parse().map_err(|e| format!("not a URL: {e}"))?;
     if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
         return Err("must be an absolute http:// or https:// URL".into());

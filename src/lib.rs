@@ -23,6 +23,10 @@
 //! - [`telemetry`]: logs, and OpenTelemetry spans exported with OTLP when asked for.
 //! - [`ops`]: the operator subcommands (`topology`, `parked`, `send`), a file each.
 //! - [`webhook`]: Stripe's `checkout.session.completed` into `payment.event.success`.
+//! - [`reconcile`]: `payment-worker reconcile`, the events whose webhooks failed, from
+//!   Stripe's Events API.
+//! - [`outbox`] and [`ledger`]: `payment.event.success` once per Stripe event id, whoever
+//!   received it, with the published ids kept in a stream.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
 
 pub mod access;
@@ -39,10 +43,13 @@ mod fuzz;
 pub mod headers;
 pub mod health;
 pub mod http;
+pub mod ledger;
 pub mod metrics;
 pub mod money;
 pub mod ops;
+pub mod outbox;
 pub mod pacer;
+pub mod reconcile;
 pub mod retry;
 pub mod stripe;
 pub mod telemetry;

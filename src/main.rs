@@ -33,6 +33,7 @@ async fn main() -> ExitCode {
         Command::Topology(command) => command.exec(&cli.global).await.map_err(Into::into),
         Command::Parked(command) => command.exec(&cli.global).await.map_err(Into::into),
         Command::Send(args) => args.exec(&cli.global).await.map_err(Into::into),
+        Command::Reconcile(args) => args.exec(&cli.global).await.map_err(Into::into),
     };
     result.unwrap_or_else(|message| {
         error!(error = %message, "payment-worker stopped");

@@ -43,6 +43,16 @@ pub struct Metrics {
     /// The configured delay of each retry tier, for comparing with `retry_delay`.
     pub retry_tier_seconds: prometheus::GaugeVec,
     pub webhook_requests: IntCounterVec,
+    /// The outbox's decisions: `payment.event.success` published, or not again (duplicate).
+    pub success_events: IntCounterVec,
+    /// Event ids the ledger holds.
+    pub ledger_event_ids: IntGauge,
+    /// When a reconciliation run last finished, as read from the ledger.
+    pub reconcile_last_success: Gauge,
+    /// Events the last reconciliation run listed (undelivered ones unless `--all`), by type.
+    pub reconcile_events: IntGaugeVec,
+    /// Events the last reconciliation run handed to the outbox: paid, and not yet published.
+    pub reconcile_published: IntGauge,
     /// HTTP connections closed at accept because `HTTP_MAX_CONNECTIONS` were open.
     pub http_connections_refused: IntCounter,
     pub ready: IntGauge,
@@ -195,6 +205,38 @@ impl Metrics {
                 &["result"],
             )
             .register_in(&registry),
+            success_events: IntCounterVec::new(
+                Opts::new(
+                    "payment_worker_success_events_total",
+                    "Stripe events taken from the outbox, by result: published as \
+                     payment.event.success, or a duplicate of one already published",
+                ),
+                &["result"],
+            )
+            .register_in(&registry),
+            ledger_event_ids: IntGauge::new(
+                "payment_worker_ledger_event_ids",
+                "Stripe event ids the ledger holds (published within its max age)",
+            )
+            .register_in(&registry),
+            reconcile_last_success: Gauge::new(
+                "payment_worker_reconcile_last_success_timestamp_seconds",
+                "When a reconciliation run last finished, as recorded in the ledger",
+            )
+            .register_in(&registry),
+            reconcile_events: IntGaugeVec::new(
+                Opts::new(
+                    "payment_worker_reconcile_events",
+                    "Events the last reconciliation run listed, by type",
+                ),
+                &["type"],
+            )
+            .register_in(&registry),
+            reconcile_published: IntGauge::new(
+                "payment_worker_reconcile_published",
+                "Paid events the last reconciliation run found unpublished and published",
+            )
+            .register_in(&registry),
             http_connections_refused: IntCounter::new(
                 "payment_worker_http_connections_refused_total",
                 "HTTP connections closed at once because HTTP_MAX_CONNECTIONS were open",
@@ -224,7 +266,21 @@ impl Metrics {
         for kind in PublishError::KINDS {
             metrics.publish_failures.with_label_values(&[kind]).reset();
         }
+        for result in ["published", "duplicate"] {
+            metrics.success_events.with_label_values(&[result]).reset();
+        }
         metrics
+    }
+
+    /// Shows what the last reconciliation run found. Only the event types a run lists are
+    /// labels, so a summary cannot grow the label set.
+    pub fn record_reconciled(&self, summary: &crate::ledger::Reconciled) {
+        self.reconcile_last_success.set(summary.finished_at as f64);
+        for kind in crate::reconcile::EVENT_TYPES {
+            let found = summary.events.get(kind).copied().unwrap_or(0);
+            self.reconcile_events.with_label_values(&[kind]).set(found as i64);
+        }
+        self.reconcile_published.set(summary.published as i64);
     }
 
     /// Records how a delivery ended. Attempts past the schedule's `max_attempts` share one

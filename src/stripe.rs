@@ -528,24 +528,64 @@ impl StripeApi {
         debug_assert!(matches!(request.method, StripeMethod::Post));
         let uri = format!("{}v1{}", self.base, request.path);
         let form = metadata_in_order(&request.body.unwrap_or_default());
-        let mut authorization =
-            HeaderValue::try_from(format!("Bearer {}", self.secret.expose_secret())).map_err(
-                |_| StripeError::Transport("STRIPE_SECRET_KEY is not a valid header value".into()),
-            )?;
-        authorization.set_sensitive(true);
         let http_request = hyper::Request::post(uri)
-            .header(AUTHORIZATION, authorization)
+            .header(AUTHORIZATION, self.authorization()?)
             .header(USER_AGENT, concat!("payment-worker/", env!("CARGO_PKG_VERSION")))
             .header("Stripe-Version", api_version())
             .header("Idempotency-Key", idempotency_key(&cmd.trip_id))
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(form)))
             .map_err(|e| StripeError::Transport(e.to_string()))?;
+        let answer = self.exchange(http_request).await?;
+        if (200..300).contains(&answer.status) {
+            let session: SessionObject = serde_json::from_slice(&answer.body)
+                .map_err(|e| StripeError::BadResponse(format!("session object: {e}")))?;
+            if !is_session_id(&session.id) {
+                let shown: String = session.id.chars().take(80).collect();
+                return Err(StripeError::BadResponse(format!(
+                    "the session id {shown:?} is not a Checkout Session id"
+                )));
+            }
+            return Ok(Session { id: session.id, replayed: answer.replayed });
+        }
+        Err(answer.error())
+    }
 
+    /// One page of `GET /v1/events`, newest first.
+    ///
+    /// # Errors
+    /// See [`StripeError`].
+    pub async fn list_events(&self, query: &EventQuery<'_>) -> Result<EventPage, StripeError> {
+        let uri = format!("{}v1/events?{}", self.base, query.encode());
+        let http_request = hyper::Request::get(uri)
+            .header(AUTHORIZATION, self.authorization()?)
+            .header(USER_AGENT, concat!("payment-worker/", env!("CARGO_PKG_VERSION")))
+            .header("Stripe-Version", api_version())
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| StripeError::Transport(e.to_string()))?;
+        let answer = self.exchange(http_request).await?;
+        if (200..300).contains(&answer.status) {
+            return serde_json::from_slice(&answer.body)
+                .map_err(|e| StripeError::BadResponse(format!("event list: {e}")));
+        }
+        Err(answer.error())
+    }
+
+    fn authorization(&self) -> Result<HeaderValue, StripeError> {
+        let mut authorization =
+            HeaderValue::try_from(format!("Bearer {}", self.secret.expose_secret())).map_err(
+                |_| StripeError::Transport("STRIPE_SECRET_KEY is not a valid header value".into()),
+            )?;
+        authorization.set_sensitive(true);
+        Ok(authorization)
+    }
+
+    /// Sends a request and reads the whole answer within the timeout.
+    async fn exchange(&self, request: hyper::Request<Full<Bytes>>) -> Result<Answer, StripeError> {
         let exchange = async {
             let response = self
                 .client
-                .request(http_request)
+                .request(request)
                 .await
                 .map_err(|e| StripeError::Transport(error_chain(&e)))?;
             let status = response.status().as_u16();
@@ -569,37 +609,92 @@ impl StripeApi {
                 .await
                 .map_err(|e| StripeError::Transport(error_chain(&e)))?
                 .to_bytes();
-            Ok((status, should_retry, retry_after, replayed, body))
+            Ok(Answer { status, should_retry, retry_after, replayed, body })
         };
-        let (status, should_retry, retry_after, replayed, body) =
-            tokio::time::timeout(self.timeout, exchange)
-                .await
-                .map_err(|_| StripeError::Timeout(self.timeout))??;
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| StripeError::Timeout(self.timeout))?
+    }
+}
 
-        if (200..300).contains(&status) {
-            let session: SessionObject = serde_json::from_slice(&body)
-                .map_err(|e| StripeError::BadResponse(format!("session object: {e}")))?;
-            if !is_session_id(&session.id) {
-                let shown: String = session.id.chars().take(80).collect();
-                return Err(StripeError::BadResponse(format!(
-                    "the session id {shown:?} is not a Checkout Session id"
-                )));
-            }
-            return Ok(Session { id: session.id, replayed });
-        }
-        let detail = serde_json::from_slice::<ErrorBody>(&body).ok().map(|b| b.error);
-        Err(StripeError::Api {
-            status,
-            should_retry,
-            retry_after,
-            replayed,
+/// Stripe's answer to one request.
+struct Answer {
+    status: u16,
+    should_retry: Option<bool>,
+    retry_after: Option<Duration>,
+    replayed: bool,
+    body: Bytes,
+}
+
+impl Answer {
+    /// The error a non-2xx answer stands for.
+    fn error(self) -> StripeError {
+        let detail = serde_json::from_slice::<ErrorBody>(&self.body).ok().map(|b| b.error);
+        StripeError::Api {
+            status: self.status,
+            should_retry: self.should_retry,
+            retry_after: self.retry_after,
+            replayed: self.replayed,
             kind: detail.as_ref().and_then(|d| d.kind.clone()),
             code: detail.as_ref().and_then(|d| d.code.clone()),
             message: detail
                 .and_then(|d| d.message)
-                .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(200).collect()),
-        })
+                .unwrap_or_else(|| String::from_utf8_lossy(&self.body).chars().take(200).collect()),
+        }
     }
+}
+
+/// The filters of `GET /v1/events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventQuery<'a> {
+    /// `types[]`: at most 20.
+    pub types: &'a [&'a str],
+    /// `created[gte]`, seconds since the Unix epoch.
+    pub created_gte: i64,
+    /// `delivery_success`: `Some(false)` lists events whose webhooks are pending or failed.
+    pub delivery_success: Option<bool>,
+    /// 1 to 100.
+    pub limit: u8,
+    /// The last event id of the previous page.
+    pub starting_after: Option<&'a str>,
+}
+
+impl EventQuery<'_> {
+    /// The query string, form-encoded as Stripe reads it.
+    pub fn encode(&self) -> String {
+        let mut pairs: Vec<(&str, String)> =
+            self.types.iter().map(|t| ("types%5B%5D", form_value(t))).collect();
+        pairs.push(("created%5Bgte%5D", self.created_gte.to_string()));
+        if let Some(delivered) = self.delivery_success {
+            pairs.push(("delivery_success", delivered.to_string()));
+        }
+        pairs.push(("limit", self.limit.to_string()));
+        if let Some(after) = self.starting_after {
+            pairs.push(("starting_after", form_value(after)));
+        }
+        pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    }
+}
+
+/// Percent-encodes a query value: letters, digits and `-._~` stay as they are.
+fn form_value(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// One page of events, each kept as Stripe sent it.
+#[derive(Debug, Deserialize)]
+pub struct EventPage {
+    pub data: Vec<serde_json::Value>,
+    pub has_more: bool,
 }
 
 #[cfg(test)]

@@ -36,6 +36,34 @@ pub struct Topology {
     /// The trip system's queues that receive payment-worker's events.
     #[serde(default)]
     pub event_queues: Vec<EventQueue>,
+    /// How `payment.event.success` is published once per Stripe event.
+    #[serde(default)]
+    pub success: Success,
+}
+
+/// `payment.event.success` once per Stripe event id: webhooks and reconciliation hand each
+/// event to the outbox; one replica at a time (single active consumer) publishes it unless
+/// the ledger, a stream bound to the success routing key, already holds its id.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Success {
+    pub outbox: String,
+    pub outbox_queue_type: QueueType,
+    pub ledger: String,
+    /// How long the ledger keeps an event id (`x-max-age`): the window inside which a second
+    /// delivery of an event publishes nothing. Stripe keeps events 30 days.
+    pub ledger_max_age: String,
+}
+
+impl Default for Success {
+    fn default() -> Self {
+        Self {
+            outbox: "payment_success_outbox".into(),
+            outbox_queue_type: QueueType::Classic,
+            ledger: "payment_success_ledger".into(),
+            ledger_max_age: "31D".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -251,6 +279,17 @@ impl Topology {
             }
             _ => {}
         }
+        let age = &self.success.ledger_max_age;
+        let (digits, unit) = age.split_at(age.len().saturating_sub(1));
+        if digits.is_empty()
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || !matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s")
+        {
+            return Err(invalid(format!(
+                "success.ledger_max_age {age:?} is not a RabbitMQ age: a number and one of \
+                 Y, M, D, h, m, s (\"31D\")"
+            )));
+        }
         if self.parking.queue == "dead_letter_queue" {
             return Err(invalid(
                 "parking.queue must not be the trip system's dead_letter_queue: its consumer \
@@ -330,6 +369,25 @@ impl Topology {
                 routing_key: event_queue.routing_key.clone(),
             });
         }
+        queues.push(QueueDecl {
+            name: self.success.outbox.clone(),
+            arguments: with_type(
+                self.success.outbox_queue_type,
+                vec![("x-single-active-consumer", Arg::Bool(true))],
+            ),
+        });
+        queues.push(QueueDecl {
+            name: self.success.ledger.clone(),
+            arguments: vec![
+                ("x-max-age".to_owned(), Arg::Str(self.success.ledger_max_age.clone())),
+                ("x-queue-type".to_owned(), Arg::Str("stream".into())),
+            ],
+        });
+        bindings.push(BindingDecl {
+            exchange: self.exchanges.trip.clone(),
+            queue: self.success.ledger.clone(),
+            routing_key: self.routing_keys.payment_success.clone(),
+        });
         Plan { exchanges, queues, bindings }
     }
 
@@ -501,6 +559,7 @@ impl fmt::Display for ExchangeDecl {
 pub enum Arg {
     Str(String),
     Int(i64),
+    Bool(bool),
 }
 
 impl Arg {
@@ -508,6 +567,7 @@ impl Arg {
         match self {
             Self::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
             Self::Int(i) => AMQPValue::LongLongInt(*i),
+            Self::Bool(b) => AMQPValue::Boolean(*b),
         }
     }
 
@@ -516,6 +576,7 @@ impl Arg {
         match self {
             Self::Str(s) => s.clone().into(),
             Self::Int(i) => (*i).into(),
+            Self::Bool(b) => (*b).into(),
         }
     }
 }
@@ -525,6 +586,7 @@ impl fmt::Display for Arg {
         match self {
             Self::Str(s) => write!(f, "{s:?}"),
             Self::Int(i) => write!(f, "{i}"),
+            Self::Bool(b) => write!(f, "{b}"),
         }
     }
 }
@@ -607,6 +669,13 @@ mod tests {
     fn quorum_profile_dead_letters_at_least_once() {
         let plan = quorum().plan();
         for queue in &plan.queues {
+            if queue.name == "payment_success_ledger" {
+                // A stream: replicated as a quorum queue is.
+                assert!(
+                    queue.arguments.contains(&("x-queue-type".into(), Arg::Str("stream".into())))
+                );
+                continue;
+            }
             assert!(
                 queue.arguments.contains(&("x-queue-type".into(), Arg::Str("quorum".into()))),
                 "{} is not quorum",

@@ -4,9 +4,12 @@
 //! logged with the trip id; an event of the other mode than the secret key's is ignored.
 //!
 //! The answers match the Go api-gateway's, so Stripe's dashboard and the trip system see the
-//! same thing, with its weaknesses fixed: an unpaid session publishes nothing, a publish is
-//! confirmed by the broker before Stripe hears 200 (otherwise 500, and Stripe retries), the
-//! event id becomes the `message-id`, and a recently seen event id is not published twice.
+//! same thing, with its weaknesses fixed: an unpaid session publishes nothing, the event is
+//! in the broker before Stripe hears 200 (otherwise 500, and Stripe retries), the event id
+//! becomes the `message-id`, and an event id is published once whichever replica receives
+//! it, and however often: the event goes to the outbox ([`crate::outbox`]), which publishes
+//! it unless the ledger ([`crate::ledger`]) holds its id. An id the ledger already holds is
+//! answered at once as a duplicate.
 //!
 //! Signatures are checked here as Stripe specifies (HMAC-SHA256 over `timestamp.payload`,
 //! any `v1` entry may match, constant-time comparison, a timestamp tolerance, several secrets
@@ -14,8 +17,7 @@
 //! rejects events whose object lacks a field it expects; the Go gateway deliberately accepted
 //! other API versions, so only the fields needed are read, leniently, after verification.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -40,6 +42,7 @@ use crate::access::Pool;
 use crate::broker::{PublishError, Publisher, persistent_json};
 use crate::contract::{Envelope, PaymentSucceeded};
 use crate::headers::long_string;
+use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::topology::Topology;
 use crate::trace;
@@ -51,7 +54,7 @@ const MAX_SIGNATURES: usize = 16;
 /// The longest event id: it becomes the event's `message-id`, an AMQP short string.
 const MAX_EVENT_ID: usize = 255;
 
-/// How long the broker may take to confirm a payment success before Stripe gets a 500.
+/// How long the broker may take to confirm an event into the outbox before Stripe gets a 500.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Webhook settings.
@@ -62,8 +65,6 @@ pub struct WebhookSettings {
     pub secrets: Vec<SecretString>,
     /// Largest accepted age (or future skew) of a signature's timestamp.
     pub tolerance: Duration,
-    /// Event ids remembered to drop Stripe's duplicate deliveries.
-    pub dedup_capacity: usize,
     /// Webhook requests handled at once, bodies included; one more is answered 503 before
     /// its body is read (Stripe retries it), so memory stays within this many bodies.
     pub max_concurrent: usize,
@@ -80,7 +81,8 @@ pub struct Webhook {
     metrics: Arc<Metrics>,
     /// One confirm-mode channel, opened on first use and replaced when it breaks.
     publisher: AsyncMutex<Option<Publisher>>,
-    recent: Mutex<RecentIds>,
+    /// The event ids published, for answering a duplicate at once.
+    ledger: Arc<Ledger>,
     /// Permits for requests being handled (see [`WebhookSettings::max_concurrent`]).
     admitted: Arc<Semaphore>,
     /// An event of the other mode was logged.
@@ -90,8 +92,9 @@ pub struct Webhook {
 /// How a webhook request ended: the answer to Stripe and the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
+    /// In the outbox, to be published once.
     Published,
-    /// The event id was published recently.
+    /// The ledger holds the event id: published already.
     Duplicate,
     /// `checkout.session.completed` before the payment went through.
     Unpaid,
@@ -113,7 +116,7 @@ pub enum Reply {
     TooLarge,
     /// The body could not be read.
     Unreadable,
-    /// The broker did not confirm the event: Stripe should retry.
+    /// The broker did not confirm the event into the outbox: Stripe should retry.
     PublishFailed,
     /// `WEBHOOK_MAX_CONCURRENT` requests are being handled: Stripe should retry.
     Busy,
@@ -181,7 +184,7 @@ impl Reply {
     }
 }
 
-/// Why `payment.event.success` was not confirmed.
+/// Why the event was not confirmed into the outbox.
 #[derive(Debug, thiserror::Error)]
 enum NotPublished {
     #[error("connecting: {0}")]
@@ -195,14 +198,14 @@ enum NotPublished {
 }
 
 /// A verified event that calls for `payment.event.success`.
-pub(crate) struct PaidSession {
-    event_id: String,
-    success: PaymentSucceeded,
+pub struct PaidSession {
+    pub event_id: String,
+    pub success: PaymentSucceeded,
 }
 
 /// Reads a verified event: the fields needed, leniently. `Err` is the answer when it calls for
 /// no publish.
-pub(crate) fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
+pub fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
     let event = serde_json::from_slice::<Value>(body).map_err(|_| Reply::InvalidPayload)?;
     let event_id = event["id"].as_str().unwrap_or_default().to_owned();
     if event_id.len() > MAX_EVENT_ID {
@@ -274,13 +277,13 @@ impl Webhook {
         settings: WebhookSettings,
         topology: Arc<Topology>,
         pool: Pool,
+        ledger: Arc<Ledger>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let recent = Mutex::new(RecentIds::new(settings.dedup_capacity));
         let admitted = Arc::new(Semaphore::new(settings.max_concurrent));
         let publisher = AsyncMutex::new(None);
         let warned_mode = std::sync::atomic::AtomicBool::new(false);
-        Self { settings, topology, pool, metrics, publisher, recent, admitted, warned_mode }
+        Self { settings, topology, pool, metrics, publisher, ledger, admitted, warned_mode }
     }
 
     /// Handles one request.
@@ -308,7 +311,7 @@ impl Webhook {
             Ok(paid) => paid,
             Err(reply) => return reply,
         };
-        if !paid.event_id.is_empty() && self.recent().contains(&paid.event_id) {
+        if !paid.event_id.is_empty() && self.ledger.contains(&paid.event_id) {
             info!(
                 event_id = paid.event_id,
                 trip_id = %paid.success.trip_id,
@@ -342,7 +345,7 @@ impl Webhook {
         Some(Reply::OtherMode)
     }
 
-    /// Publishes `payment.event.success` and remembers the event id once the broker confirmed.
+    /// Hands `payment.event.success` to the outbox, confirmed.
     async fn publish_success(&self, paid: &PaidSession, traceparent: Option<&str>) -> Reply {
         let (event_id, success) = (&paid.event_id, &paid.success);
         let publish = self.publish(event_id, success, traceparent);
@@ -350,20 +353,12 @@ impl Webhook {
             .await
             .unwrap_or(Err(NotPublished::Timeout(PUBLISH_TIMEOUT)));
         match published {
-            Ok(false) => {
-                info!(
-                    event_id,
-                    trip_id = %success.trip_id,
-                    "duplicate webhook delivery; already published",
-                );
-                Reply::Duplicate
-            }
-            Ok(true) => {
+            Ok(()) => {
                 info!(
                     event_id,
                     trip_id = %success.trip_id,
                     amount_cents = success.amount_cents,
-                    "payment success published",
+                    "payment success handed to the outbox",
                 );
                 Reply::Published
             }
@@ -379,45 +374,27 @@ impl Webhook {
         }
     }
 
-    /// Publishes `payment.event.success` for `event_id` unless it was published recently;
-    /// `Ok(false)` when it was.
-    /// The event carries the request's trace: the producer span's context when spans are
-    /// exported, else the request's `traceparent` continued.
+    /// Hands `payment.event.success` for `event_id` to the outbox, exactly as it will be
+    /// published. The event carries the request's trace: the producer span's context when
+    /// spans are exported, else the request's `traceparent` continued.
     async fn publish(
         &self,
         event_id: &str,
         success: &PaymentSucceeded,
         traceparent: Option<&str>,
-    ) -> Result<bool, NotPublished> {
-        let body = Envelope::encode(&success.user_id, success);
-        let mut properties = persistent_json();
-        if !event_id.is_empty() {
-            properties = properties.with_message_id(event_id.into());
-        }
-        if let Some(child) = traceparent.and_then(trace::continue_trace) {
-            let mut headers = FieldTable::default();
-            headers.insert("traceparent".into(), long_string(&child));
-            properties = properties.with_headers(headers);
-        }
-        let (exchange, routing_key) =
-            (&self.topology.exchanges.trip, &self.topology.routing_keys.payment_success);
-        let span = trace::producer_span(exchange, routing_key, "event");
+    ) -> Result<(), NotPublished> {
+        let (body, properties) = success_message(event_id, success, traceparent);
+        let routing_key = &self.topology.success.outbox;
+        let span = trace::producer_span("", routing_key, "event");
         let properties = span.in_scope(|| trace::stamp(properties));
-        // The lock serialises publishes, so a concurrent delivery of the same event waits here
-        // and then finds its id among the recent ones.
         let mut slot = self.publisher.lock().await;
-        if !event_id.is_empty() && self.recent().contains(event_id) {
-            return Ok(false);
-        }
         if slot.as_ref().is_none_or(|p| !p.channel().status().connected()) {
             let connection = self.pool.get().await.map_err(NotPublished::Connect)?;
             *slot = Some(Publisher::open(&connection).await.map_err(NotPublished::Channel)?);
         }
         let publisher = slot.as_ref().expect("just opened");
-        let result = publisher
-            .publish(exchange, routing_key, &body, properties)
-            .instrument(span.clone())
-            .await;
+        let result =
+            publisher.publish("", routing_key, &body, properties).instrument(span.clone()).await;
         if let Err(e) = &result {
             trace::failed(&span, e);
             self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
@@ -425,16 +402,28 @@ impl Webhook {
                 *slot = None;
             }
         }
-        result.map_err(NotPublished::Publish)?;
-        if !event_id.is_empty() {
-            self.recent().insert(event_id.to_owned());
-        }
-        Ok(true)
+        result.map_err(NotPublished::Publish)
     }
+}
 
-    fn recent(&self) -> std::sync::MutexGuard<'_, RecentIds> {
-        self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// The body and properties of `payment.event.success` for a Stripe event: the `message-id`
+/// is the event id, and the trace continues `traceparent` when one came with it.
+pub fn success_message(
+    event_id: &str,
+    success: &PaymentSucceeded,
+    traceparent: Option<&str>,
+) -> (Vec<u8>, lapin::BasicProperties) {
+    let body = Envelope::encode(&success.user_id, success);
+    let mut properties = persistent_json();
+    if !event_id.is_empty() {
+        properties = properties.with_message_id(event_id.into());
     }
+    if let Some(child) = traceparent.and_then(trace::continue_trace) {
+        let mut headers = FieldTable::default();
+        headers.insert("traceparent".into(), long_string(&child));
+        properties = properties.with_headers(headers);
+    }
+    (body, properties)
 }
 
 /// Admits a webhook request before its body is read, while fewer than
@@ -562,35 +551,6 @@ pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
     format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// The most recent event ids, oldest forgotten first.
-struct RecentIds {
-    order: VecDeque<String>,
-    ids: HashSet<String>,
-    capacity: usize,
-}
-
-impl RecentIds {
-    fn new(capacity: usize) -> Self {
-        Self { order: VecDeque::new(), ids: HashSet::new(), capacity }
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
-    }
-
-    fn insert(&mut self, id: String) {
-        if self.capacity == 0 || !self.ids.insert(id.clone()) {
-            return;
-        }
-        self.order.push_back(id);
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,15 +597,5 @@ mod tests {
             verify(&header, body, &secrets(&["whsec_old", "whsec_new"]), TOLERANCE, 60),
             Ok(())
         );
-    }
-
-    #[test]
-    fn recent_ids_forget_the_oldest() {
-        let mut recent = RecentIds::new(2);
-        for id in ["a", "b", "c"] {
-            recent.insert(id.into());
-        }
-        assert!(!recent.contains("a"));
-        assert!(recent.contains("b") && recent.contains("c"));
     }
 }

@@ -1,4 +1,4 @@
-//! A local stand-in for Stripe's `POST /v1/checkout/sessions`.
+//! A local stand-in for Stripe's `POST /v1/checkout/sessions` and `GET /v1/events`.
 //!
 //! It behaves as Stripe documents: form-encoded parameters; a request with an
 //! `Idempotency-Key` it has seen replays the saved answer (marked `Idempotent-Replayed: true`)
@@ -8,6 +8,12 @@
 //! replayed. Failures are scripted per trip (read from `metadata[trip_id]`), or Stripe-wide:
 //! an outage switch (503s, dropped connections, hangs) and a requests-per-second limit
 //! answering 429 as Stripe does, decided before the idempotency layer.
+//!
+//! Events are kept as Stripe keeps them: [`StripeStandin::complete_session`] pays a created
+//! session and records its `checkout.session.completed` event, pending until a test marks
+//! its webhook delivered. `GET /v1/events` lists them newest first with `type`/`types[]`,
+//! `created[gte]`, `delivery_success`, `limit` (1–100, 10 by default), `starting_after` and
+//! `has_more`; its failures are scripted apart ([`StripeStandin::script_events`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -132,6 +138,23 @@ struct State {
     brownout: Option<f64>,
     /// Requests a second allowed, and when the requests of the last second were let through.
     rate_limit: Option<(usize, VecDeque<Instant>)>,
+    /// Events, oldest first.
+    events: Vec<Event>,
+    /// Behaviours for the next `GET /v1/events` requests.
+    event_scripts: VecDeque<Behaviour>,
+    /// The query strings of the `GET /v1/events` requests answered 200.
+    event_queries: Vec<String>,
+}
+
+/// An event as the stand-in keeps it.
+#[derive(Debug, Clone)]
+struct Event {
+    id: String,
+    created: i64,
+    kind: String,
+    body: serde_json::Value,
+    /// Whether a webhook delivery of it succeeded.
+    delivered: bool,
 }
 
 /// Failures for unscripted trips, drawn at random.
@@ -223,6 +246,80 @@ impl StripeStandin {
         self.lock().rate_limit = per_second.map(|n| (n, VecDeque::new()));
     }
 
+    /// Pays the session created for `trip_id` and records its `checkout.session.completed`
+    /// event (undelivered); returns the event as a webhook would carry it.
+    ///
+    /// # Panics
+    /// When no session was created for the trip.
+    pub fn complete_session(&self, trip_id: &str) -> serde_json::Value {
+        let created = self.created_for(trip_id).pop().expect("a session for the trip");
+        let param = |key: &str| created.params.get(key).cloned().unwrap_or_default();
+        let amount: i64 = param("line_items[0][price_data][unit_amount]").parse().unwrap_or(0);
+        let session = serde_json::json!({
+            "id": created.id,
+            "object": "checkout.session",
+            "payment_status": "paid",
+            "status": "complete",
+            "amount_total": amount,
+            "currency": param("line_items[0][price_data][currency]"),
+            "livemode": false,
+            "metadata": {
+                "trip_id": param("metadata[trip_id]"),
+                "user_id": param("metadata[user_id]"),
+                "driver_id": param("metadata[driver_id]"),
+            },
+        });
+        self.add_event("checkout.session.completed", session, false)
+    }
+
+    /// Records an event of `kind` about `object` (`livemode` as given); returns it.
+    pub fn add_event(
+        &self,
+        kind: &str,
+        object: serde_json::Value,
+        livemode: bool,
+    ) -> serde_json::Value {
+        let mut state = self.lock();
+        let id = format!("evt_standin_{:06}_{}", state.events.len() + 1, random_suffix());
+        let created = unix_now();
+        let body = serde_json::json!({
+            "id": id,
+            "object": "event",
+            "api_version": "2025-03-31.basil",
+            "created": created,
+            "livemode": livemode,
+            "pending_webhooks": 1,
+            "type": kind,
+            "data": { "object": object },
+        });
+        state.events.push(Event {
+            id,
+            created,
+            kind: kind.to_owned(),
+            body: body.clone(),
+            delivered: false,
+        });
+        body
+    }
+
+    /// Marks the event's webhook delivered (a 2xx answer), as Stripe does.
+    pub fn mark_delivered(&self, event_id: &str) {
+        if let Some(event) = self.lock().events.iter_mut().find(|e| e.id == event_id) {
+            event.delivered = true;
+        }
+    }
+
+    /// Queues behaviours for the next `GET /v1/events` requests (`Fail`, `RetryAfter`,
+    /// `Drop`); then they are answered.
+    pub fn script_events(&self, behaviours: impl IntoIterator<Item = Behaviour>) {
+        self.lock().event_scripts.extend(behaviours);
+    }
+
+    /// The query strings of the event listings answered so far.
+    pub fn event_queries(&self) -> Vec<String> {
+        self.lock().event_queries.clone()
+    }
+
     /// Sessions created so far.
     pub fn created(&self) -> Vec<Created> {
         self.lock().created.clone()
@@ -264,6 +361,11 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
     let authorized = header("authorization").as_deref() == Some(&format!("Bearer {SECRET_KEY}"));
     let route_ok =
         request.method() == hyper::Method::POST && request.uri().path() == "/v1/checkout/sessions";
+    if authorized && request.method() == hyper::Method::GET && request.uri().path() == "/v1/events"
+    {
+        let query = request.uri().query().unwrap_or_default().to_owned();
+        return Ok(list_events(&state, &query));
+    }
     let form =
         header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -412,6 +514,80 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
             Ok(json(200, body, false, None))
         }
     }
+}
+
+/// `GET /v1/events`: a scripted failure, or a page of the events that match, newest first.
+fn list_events(state: &Mutex<State>, query: &str) -> Response<Full<Bytes>> {
+    let mut state = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match state.event_scripts.pop_front() {
+        Some(Behaviour::Fail { status, kind, should_retry, .. }) => {
+            return json(
+                status,
+                error_body(kind, None, &format!("scripted {status}")),
+                false,
+                should_retry,
+            );
+        }
+        Some(Behaviour::RetryAfter { status, seconds }) => {
+            let mut response =
+                json(status, error_body("rate_limit_error", None, "scripted"), false, None);
+            response.headers_mut().insert("retry-after", seconds.into());
+            return response;
+        }
+        Some(Behaviour::Drop) => {
+            return json(503, error_body("api_error", None, "scripted drop"), false, Some(true));
+        }
+        _ => {}
+    }
+    let mut types = Vec::new();
+    let (mut gte, mut delivered, mut limit, mut after) = (i64::MIN, None, 10usize, None);
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match key.as_ref() {
+            "type" | "types[]" => types.push(value.into_owned()),
+            "created[gte]" => gte = value.parse().unwrap_or(i64::MIN),
+            "delivery_success" => delivered = value.parse::<bool>().ok(),
+            "limit" => limit = value.parse().unwrap_or(10),
+            "starting_after" => after = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    if !(1..=100).contains(&limit) || types.len() > 20 {
+        return json(
+            400,
+            error_body("invalid_request_error", None, "limit must be 1 to 100, types[] at most 20"),
+            false,
+            None,
+        );
+    }
+    state.event_queries.push(query.to_owned());
+    let matching: Vec<&Event> = state
+        .events
+        .iter()
+        .rev()
+        .filter(|e| types.is_empty() || types.contains(&e.kind))
+        .filter(|e| e.created >= gte)
+        .filter(|e| delivered.is_none_or(|d| d == e.delivered))
+        .collect();
+    let start = match &after {
+        Some(id) => matching.iter().position(|e| &e.id == id).map_or(matching.len(), |i| i + 1),
+        None => 0,
+    };
+    let page: Vec<serde_json::Value> =
+        matching.iter().skip(start).take(limit).map(|e| e.body.clone()).collect();
+    let has_more = matching.len() > start + page.len();
+    let body = serde_json::json!({
+        "object": "list",
+        "url": "/v1/events",
+        "has_more": has_more,
+        "data": page,
+    });
+    json(200, body.to_string(), false, None)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Whether a request now is over the limit; counts it when it is not.

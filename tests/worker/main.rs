@@ -10,6 +10,7 @@ mod invalid;
 mod lifecycle;
 mod observability;
 mod ops;
+mod reconcile;
 mod recovery;
 mod retries;
 mod sickness;
