@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 HELM, CHART, RENDERS = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 ROOT = Path(__file__).resolve().parent.parent
 failures = []
 
@@ -198,6 +199,35 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
               f"{name}: the HPA's bounds")
         check(scaled_object is None, f"{name}: the HPA alone")
 
+    # The reconcile CronJob: in stripe mode, with the worker's settings, secrets and mounts.
+    cron = only(docs, "CronJob")
+    reconcile = {**DEFAULTS["reconcile"], **values.get("reconcile", {})}
+    if values.get("mode", DEFAULTS["mode"]) == "stripe" and reconcile["enabled"]:
+        check(cron is not None, f"{name}: the reconcile CronJob is rendered")
+    else:
+        check(cron is None, f"{name}: no reconcile CronJob without a Stripe key")
+    if cron:
+        spec = cron["spec"]
+        check(spec["schedule"] == reconcile["schedule"], f"{name}: the CronJob runs on reconcile.schedule")
+        check(spec["concurrencyPolicy"] == "Forbid", f"{name}: one reconcile run at a time")
+        job_pod = spec["jobTemplate"]["spec"]["template"]
+        job = job_pod["spec"]["containers"][0]
+        check(job["args"][:3] == ["reconcile", "--since", reconcile["since"]], f"{name}: the job runs reconcile: {job['args']}")
+        check(job_pod["spec"]["restartPolicy"] == "Never", f"{name}: a failed run is a failed Job, not a restart loop")
+        check(job["image"] == container["image"], f"{name}: the job runs the worker's image")
+        check(job["envFrom"] == container["envFrom"], f"{name}: the job reads the worker's ConfigMap")
+        worker_env = [e for e in container.get("env", []) if e["name"] != "STRIPE_WEBHOOK_KEY"]
+        check(job.get("env", []) == worker_env, f"{name}: the job's secrets are the worker's (without the webhook key)")
+        check(job["volumeMounts"] == container["volumeMounts"], f"{name}: the job mounts what the worker mounts")
+        check(job_pod["spec"]["volumes"] == pod["spec"]["volumes"], f"{name}: the job's volumes are the worker's")
+        check(job["securityContext"] == security and job_pod["spec"]["securityContext"] == pod_security,
+              f"{name}: the job is locked down as the worker is")
+        check(job_pod["spec"].get("automountServiceAccountToken") is False, f"{name}: the job has no service account token")
+        labels = job_pod["metadata"]["labels"]
+        check(not all(labels.get(k) == v for k, v in selector.items()),
+              f"{name}: the Service and the PDB do not select the job's pods")
+        check(job["resources"].get("limits") and job["resources"].get("requests"), f"{name}: the job has requests and limits")
+
     replicas = deployment["spec"].get("replicas", scaling.get("maxReplicas", 0))
     pdb = only(docs, "PodDisruptionBudget")
     if pdb is not None:
@@ -279,6 +309,11 @@ for args, expected in [
     result = helm_template(*args)
     check(result.returncode != 0 and expected in result.stderr,
           f"render with {args} should fail mentioning {expected!r}; got {result.returncode}: {result.stderr.strip()[:300]}")
+
+# The CronJob is off with one value.
+off = helm_template("--set", "secrets.existingSecret=x", "--set", "reconcile.enabled=false")
+check(off.returncode == 0 and "kind: CronJob" not in off.stdout and "kind: Deployment" in off.stdout,
+      f"reconcile.enabled=false renders no CronJob: {off.stderr.strip()[:300]}")
 
 # Scaling to zero is allowed where nothing serves the webhook (mock mode, no Ingress, no key).
 zero = helm_template("--set", "mode=mock", "--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.minReplicas=0")

@@ -115,3 +115,77 @@ Whether an autoscaler owns the Deployment's replica count (then the Deployment s
 true
 {{- end -}}
 {{- end }}
+
+{{/* The secrets as environment variables, when they are not mounted as files. Takes
+(dict "root" $ "webhook" BOOL): the webhook's signing key only for the worker. */}}
+{{- define "payment-worker.secretEnv" -}}
+{{- $root := .root }}
+{{- $hasSecret := or $root.Values.secrets.existingSecret (include "payment-worker.rendersSecret" $root) }}
+{{- if and $hasSecret (not $root.Values.secrets.asFiles) }}
+- name: RABBITMQ_URI
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "payment-worker.secretName" $root }}
+      key: RABBITMQ_URI
+{{- if eq $root.Values.mode "stripe" }}
+- name: STRIPE_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "payment-worker.secretName" $root }}
+      key: STRIPE_SECRET_KEY
+{{- end }}
+{{- if .webhook }}
+- name: STRIPE_WEBHOOK_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "payment-worker.secretName" $root }}
+      key: STRIPE_WEBHOOK_KEY
+      optional: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the secrets are mounted as files. */}}
+{{- define "payment-worker.secretFiles" -}}
+{{- $hasSecret := or .Values.secrets.existingSecret (include "payment-worker.rendersSecret" .) }}
+{{- if and $hasSecret .Values.secrets.asFiles }}true{{ end }}
+{{- end }}
+
+{{/* The topology, the broker's TLS files and the secret files, as the pods mount them. */}}
+{{- define "payment-worker.volumeMounts" -}}
+- name: topology
+  mountPath: /etc/payment-worker
+  readOnly: true
+{{- if .Values.broker.tls.secretName }}
+- name: broker-tls
+  mountPath: /etc/payment-worker/tls
+  readOnly: true
+{{- end }}
+{{- if include "payment-worker.secretFiles" . }}
+- name: secrets
+  mountPath: /var/run/secrets/payment-worker
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The volumes behind payment-worker.volumeMounts. */}}
+{{- define "payment-worker.volumes" -}}
+- name: topology
+  configMap:
+    name: {{ include "payment-worker.fullname" . }}
+    items:
+      - key: topology.toml
+        path: topology.toml
+{{- with .Values.broker.tls.secretName }}
+- name: broker-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- if include "payment-worker.secretFiles" . }}
+- name: secrets
+  secret:
+    secretName: {{ include "payment-worker.secretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
