@@ -27,8 +27,9 @@
 //! `min_calls` calls, over at least [`OUTAGE_RUN`], while `consecutive` distinct payments
 //! failed on their first attempt among them (an outage that begins among healthy traffic:
 //! the window's answers from before it would otherwise hold the circuit closed until
-//! `min_calls` new payments had failed, while the deferred ones are called again and again;
-//! in a 75 % brownout, twenty failed calls in a row are rare). Open, no call goes through until `cooldown` has passed; each failed probe
+//! `min_calls` new payments had failed, while the deferred ones are called again and again).
+//! Any answer ends such a run, a 429 included (Stripe's front door answered): in a brownout
+//! twenty failed calls in a row are rare. Open, no call goes through until `cooldown` has passed; each failed probe
 //! doubles it up to `max_cooldown` (by default the same: recovery is at most one cool-down
 //! after Stripe heals). Half-open, exactly one call, the probe, goes through; a payment that
 //! already spent an attempt is not taken as a probe (its failure would say nothing about
@@ -260,7 +261,11 @@ impl Breaker {
         }
         self.expire(now);
         let failed = match signal {
-            Signal::Throttled => return Spread::Isolated,
+            Signal::Throttled => {
+                // Stripe's front door answered: no outage, though no evidence either way.
+                self.end_run();
+                return Spread::Isolated;
+            }
             Signal::Answered => {
                 self.end_run();
                 false
@@ -483,6 +488,30 @@ mod tests {
         let spread = b.record(t0 + quarter * 8, Signal::Failed, false, fresh(&payment()));
         assert_eq!(spread, Spread::Widespread);
         assert_eq!(b.state(), State::Open { until: t0 + 7 * SECOND });
+    }
+
+    #[test]
+    fn a_429_ends_an_outage_run() {
+        let (mut b, t0) = breaker();
+        feed(&mut b, t0, 50, |_| false);
+        // Five deferred payments called again and again (the window keeps its answers).
+        let five: Vec<String> = (0..5).map(|_| payment()).collect();
+        let tenth = Duration::from_millis(100);
+        let fail = |b: &mut Breaker, i: u32| {
+            b.record(t0 + tenth * i, Signal::Failed, false, fresh(&five[i as usize % 5]));
+        };
+        for i in 1..=19 {
+            fail(&mut b, i);
+        }
+        b.record(t0 + tenth * 20, Signal::Throttled, false, fresh(&payment()));
+        for i in 21..=39 {
+            fail(&mut b, i);
+        }
+        assert_eq!(b.state(), State::Closed, "19 failures on either side of a 429");
+        fail(&mut b, 40);
+        assert_eq!(b.state(), State::Closed, "20 since the 429, in 1.9 s");
+        fail(&mut b, 41);
+        assert!(matches!(b.state(), State::Open { .. }), "21 since the 429, over 2 s");
     }
 
     #[test]

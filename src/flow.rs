@@ -605,6 +605,29 @@ mod simulation {
             ),
             (
                 Scenario {
+                    name: "brownout 75%, a third 429",
+                    rate: 10,
+                    seconds: 50,
+                    trouble: (10.0, 40.0),
+                    answer: |t, p, c| {
+                        if in_trouble(t) && coin(p, c, 0.75) {
+                            if coin(p, c + 1000, 0.33) { Answer::Limited } else { Answer::Fail }
+                        } else {
+                            Answer::Ok
+                        }
+                    },
+                },
+                Expect {
+                    calls_per_payment: 1.4,
+                    calls_in_trouble: 250,
+                    parked: none,
+                    done_before_heal: 0.45,
+                    openings: 0..=0,
+                    healthy_p99: 20.0,
+                },
+            ),
+            (
+                Scenario {
                     name: "poison pair",
                     rate: 20,
                     seconds: 30,

@@ -18,6 +18,7 @@
 //! [`RECONCILED`], read into the reconcile metrics).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -44,7 +45,7 @@ const PREFETCH: u16 = 500;
 pub enum SyncError {
     #[error("appending a sync marker to the ledger: {0}")]
     Marker(#[from] PublishError),
-    #[error("the ledger's tail did not reach its sync marker within {0:?}")]
+    #[error("the ledger's tail read nothing for {0:?} before it reached its sync marker")]
     Timeout(Duration),
 }
 
@@ -64,6 +65,8 @@ pub struct Ledger {
     stream: String,
     ids: Mutex<HashSet<String>>,
     markers: Mutex<HashMap<String, oneshot::Sender<()>>>,
+    /// Messages the tail has read, for telling a slow tail from a stuck one.
+    read: AtomicU64,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -74,6 +77,7 @@ impl Ledger {
             stream: stream.to_owned(),
             ids: Mutex::new(HashSet::new()),
             markers: Mutex::new(HashMap::new()),
+            read: AtomicU64::new(0),
             metrics,
         }
     }
@@ -94,20 +98,13 @@ impl Ledger {
         }
     }
 
-    /// Ids known so far.
-    pub fn len(&self) -> usize {
-        self.ids().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Appends a marker and waits until the tail has read it: every id in the stream before
-    /// the marker is then known.
+    /// the marker is then known. A tail still reading a long ledger may take longer than
+    /// `within` in all; only `within` without it reading anything is a time-out.
     ///
     /// # Errors
-    /// The marker was not confirmed, or the tail did not reach it within `within`.
+    /// The marker was not confirmed within `within`, or the tail read nothing for `within`
+    /// before it reached the marker.
     pub async fn sync(&self, publisher: &Publisher, within: Duration) -> Result<(), SyncError> {
         let token = format!("{:032x}", rand::random::<u128>());
         let (reached, wait) = oneshot::channel();
@@ -122,13 +119,32 @@ impl Ledger {
         let result = match appended {
             Err(_) => Err(SyncError::Timeout(within)),
             Ok(Err(e)) => Err(SyncError::Marker(e)),
-            Ok(Ok(())) => match tokio::time::timeout(within, wait).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(SyncError::Timeout(within)),
-            },
+            Ok(Ok(())) => self.reach(wait, within).await,
         };
         self.markers().remove(&token);
         result
+    }
+
+    /// Waits for the marker while the tail keeps reading.
+    async fn reach(
+        &self,
+        mut wait: oneshot::Receiver<()>,
+        within: Duration,
+    ) -> Result<(), SyncError> {
+        let mut seen = self.read.load(Ordering::Relaxed);
+        loop {
+            match tokio::time::timeout(within, &mut wait).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(_)) => return Err(SyncError::Timeout(within)),
+                Err(_) => {
+                    let now = self.read.load(Ordering::Relaxed);
+                    if now == seen {
+                        return Err(SyncError::Timeout(within));
+                    }
+                    seen = now;
+                }
+            }
+        }
     }
 
     /// Reads the stream from its first message until the connection fails; returns why.
@@ -175,6 +191,7 @@ impl Ledger {
 
     /// Takes in one message of the stream.
     fn note(&self, properties: &lapin::BasicProperties, body: &[u8]) {
+        self.read.fetch_add(1, Ordering::Relaxed);
         let header = |name: &str| properties.headers().as_ref().and_then(|h| string(h, name));
         if let Some(token) = header(MARKER) {
             if let Some(reached) = self.markers().remove(&token) {
