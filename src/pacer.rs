@@ -11,11 +11,7 @@
 //!   second was full, not for a throttle or a `Retry-After`, or took its last slot): by `increase` requests per
 //!   second for each second of such calls; below half the rate before the last cut (after
 //!   a 429 storm cut it to the floor), by one request per call: the rate doubles each second,
-//!   as TCP's slow start does; within 5 % of the rate before the last cut, at a quarter of
-//!   `increase`: the rate lingers where Stripe last said no (as TCP CUBIC's plateau), so
-//!   replicas sharing an account, each growing between its own cuts, overshoot the limit less
-//!   (two replicas against 25 a second: 8 % of calls answered 429 instead of 11 %, see
-//!   `shared_limit` below). A slow Stripe never fills the second (calls are
+//!   as TCP's slow start does. A slow Stripe never fills the second (calls are
 //!   bounded by the deliveries in flight), so the rate does not grow past what is sent.
 //! * **Decrease** on a 429 while calls went out at the rate: to what passed Stripe's limiter
 //!   in the last second (every answer but the 429s), and at least by the factor `decrease`,
@@ -50,11 +46,6 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// How long after a cut a 429 still reflects the rate before the cut; also how far back
 /// "what Stripe accepted" looks.
 const ROUND: Duration = Duration::from_secs(1);
-
-/// Between this share of the rate before the last cut and that rate divided by it, the rate
-/// grows at [`SLOW`] times `increase`.
-const NEAR: f64 = 0.95;
-const SLOW: f64 = 0.25;
 
 /// Where the rate starts and how it moves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,8 +96,6 @@ pub struct Pacer {
     /// Below this rate, growth doubles the rate each second (TCP's slow-start threshold):
     /// half the rate before the last cut.
     threshold: f64,
-    /// The rate before the last cut (none yet: infinite): near it, growth slows down.
-    last_max: f64,
     /// When the last slots go out, oldest first (the last `2 × ⌈rate⌉`).
     slots: VecDeque<Instant>,
     /// No slot before this (`Retry-After`).
@@ -132,7 +121,6 @@ impl Pacer {
             settings,
             rate,
             threshold: 0.0,
-            last_max: f64::INFINITY,
             slots: VecDeque::new(),
             not_before: now,
             last_cut: None,
@@ -202,13 +190,8 @@ impl Pacer {
         self.note(now, slot.at, false);
         self.health.push_back((now, true));
         if slot.paced {
-            let step = if self.rate < self.threshold {
-                1.0
-            } else if (NEAR * self.last_max..self.last_max / NEAR).contains(&self.rate) {
-                self.settings.increase * SLOW / self.rate
-            } else {
-                self.settings.increase / self.rate
-            };
+            let step =
+                if self.rate < self.threshold { 1.0 } else { self.settings.increase / self.rate };
             self.rate = clamp(self.rate + step, &self.settings);
         }
     }
@@ -240,7 +223,6 @@ impl Pacer {
         let accepted = self.recent.iter().filter(|(_, limited)| !limited).count() as f64;
         let cut = (self.rate * self.settings.decrease).min(accepted / ROUND.as_secs_f64());
         self.threshold = self.rate / 2.0;
-        self.last_max = self.rate;
         self.rate = clamp(cut, &self.settings);
         self.last_cut = Some((now, payment.to_owned()));
         true
@@ -474,110 +456,5 @@ mod tests {
             p.hold_until(later + ms(6_000), hold, "poison"),
             "after an answer, it counts again"
         );
-    }
-}
-
-/// Replicas sharing one Stripe account, each with its own pacer, against Stripe's limiter
-/// (a request is let through when fewer than the limit went through in the last second),
-/// with a backlog that keeps every replica's deliveries busy: what share of the limit they
-/// complete, and what share of their calls is answered 429. (`make bench` section 7 measures
-/// the same with the worker and the broker.)
-#[cfg(test)]
-mod shared_limit {
-    use std::cmp::Reverse;
-    use std::collections::{BinaryHeap, HashMap, VecDeque};
-    use std::time::{Duration, Instant};
-
-    use super::{Pacer, PacerSettings, Slot, Turn};
-
-    const LIMIT: usize = 25;
-    /// Milliseconds to Stripe, and as many back.
-    const HALF_TRIP: u64 = 25;
-    /// Deliveries in flight per replica (the bench's `--prefetch 32`).
-    const IN_FLIGHT: usize = 32;
-
-    #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-    enum Event {
-        /// A delivery of `pod` asks for a slot; `waited`: as [`Pacer::take`] takes it.
-        Ask { pod: usize, waited: Option<bool> },
-        /// Call `call` reaches Stripe.
-        Arrive { pod: usize, call: u64 },
-        /// Its answer reaches the replica.
-        Answer { pod: usize, call: u64, limited: bool },
-    }
-
-    /// `(completed as a share of the limit, share of calls answered 429)` over `seconds`.
-    fn run(pods: usize, seconds: u64) -> (f64, f64) {
-        let t0 = Instant::now();
-        let at_ms = |ms: u64| t0 + Duration::from_millis(ms);
-        let since = |at: Instant| (at - t0).as_millis() as u64;
-        let mut pacers: Vec<Pacer> =
-            (0..pods).map(|_| Pacer::new(PacerSettings::default(), t0)).collect();
-        let mut queue = BinaryHeap::new();
-        for pod in 0..pods {
-            for _ in 0..IN_FLIGHT {
-                queue.push(Reverse((0, Event::Ask { pod, waited: None })));
-            }
-        }
-        let mut slots: HashMap<u64, Slot> = HashMap::new();
-        let mut let_through: VecDeque<u64> = VecDeque::new();
-        let (mut calls, mut limited, mut done) = (0u64, 0u64, 0u64);
-        while let Some(Reverse((now, event))) = queue.pop() {
-            if now >= seconds * 1000 {
-                break;
-            }
-            match event {
-                Event::Ask { pod, waited } => match pacers[pod].take(at_ms(now), waited) {
-                    Turn::Go(slot) => {
-                        calls += 1;
-                        slots.insert(calls, slot);
-                        queue.push(Reverse((now + HALF_TRIP, Event::Arrive { pod, call: calls })));
-                    }
-                    Turn::Later { at, paced } => {
-                        let waited = Some(waited.unwrap_or(false) || paced);
-                        let later = since(at).max(now + 1);
-                        queue.push(Reverse((later, Event::Ask { pod, waited })));
-                    }
-                },
-                Event::Arrive { pod, call } => {
-                    while let_through.front().is_some_and(|t| now - *t >= 1000) {
-                        let_through.pop_front();
-                    }
-                    let over = let_through.len() >= LIMIT;
-                    if !over {
-                        let_through.push_back(now);
-                    }
-                    let answer = Event::Answer { pod, call, limited: over };
-                    queue.push(Reverse((now + HALF_TRIP, answer)));
-                }
-                Event::Answer { pod, call, limited: over } => {
-                    let slot = slots.remove(&call).expect("each call answered once");
-                    if over {
-                        limited += 1;
-                        pacers[pod].on_rate_limited(at_ms(now), slot.at, &format!("p{call}"));
-                    } else {
-                        done += 1;
-                        pacers[pod].on_answer(at_ms(now), slot);
-                    }
-                    queue.push(Reverse((now, Event::Ask { pod, waited: None })));
-                }
-            }
-        }
-        (done as f64 / (LIMIT as u64 * seconds) as f64, limited as f64 / calls as f64)
-    }
-
-    #[test]
-    fn one_or_two_replicas_complete_95_percent_of_the_limit_with_under_10_percent_429s() {
-        for pods in [1, 2, 3] {
-            let (goodput, limited) = run(pods, 60);
-            println!(
-                "{pods} pods: {:.1}% of the limit, {:.1}% 429s",
-                goodput * 100.0,
-                limited * 100.0
-            );
-            if pods <= 2 {
-                assert!(goodput >= 0.95 && limited <= 0.10, "{pods} pods: {goodput} {limited}");
-            }
-        }
     }
 }
