@@ -216,3 +216,49 @@ impl Ledger {
         self.markers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lapin::BasicProperties;
+
+    use super::*;
+
+    fn with_header(name: &str, value: &str) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(name.into(), long_string(value));
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn the_tail_tells_events_markers_and_summaries_apart() {
+        let metrics = Arc::new(Metrics::new());
+        let ledger = Ledger::new("ledger", Some(metrics.clone()));
+        ledger.note(&BasicProperties::default().with_message_id("evt_1".into()), b"{}");
+        ledger.note(&BasicProperties::default(), b"{}");
+        assert!(ledger.contains("evt_1"));
+        assert_eq!(metrics.ledger_event_ids.get(), 1, "an event without an id is no id");
+
+        let (reached, mut wait) = oneshot::channel();
+        ledger.markers().insert("m1".into(), reached);
+        ledger.note(&with_header(MARKER, "m2"), b"");
+        assert!(wait.try_recv().is_err(), "another replica's marker");
+        ledger.note(&with_header(MARKER, "m1"), b"");
+        assert!(wait.try_recv().is_ok(), "its own marker");
+
+        let summary = Reconciled {
+            finished_at: 1_700_000_000,
+            events: [("checkout.session.completed".to_owned(), 7)].into(),
+            published: 2,
+        };
+        let body = serde_json::to_vec(&summary).unwrap();
+        ledger.note(&with_header(RECONCILED, "1").with_message_id("not-an-event".into()), &body);
+        assert!(!ledger.contains("not-an-event"), "a summary is no published event");
+        assert_eq!(metrics.reconcile_last_success.get(), 1_700_000_000.0);
+        assert_eq!(metrics.reconcile_published.get(), 2);
+        let completed = metrics.reconcile_events.with_label_values(&["checkout.session.completed"]);
+        assert_eq!(completed.get(), 7);
+        let expired = metrics.reconcile_events.with_label_values(&["checkout.session.expired"]);
+        assert_eq!(expired.get(), 0);
+        assert_eq!(ledger.read.load(Ordering::Relaxed), 5, "every message counts as read");
+    }
+}

@@ -877,6 +877,29 @@ mod tests {
     }
 
     #[test]
+    fn an_event_query_is_encoded_as_stripe_reads_it() {
+        let query = EventQuery {
+            types: &["checkout.session.completed", "checkout.session.expired"],
+            created_gte: 1_700_000_000,
+            delivery_success: Some(false),
+            limit: 100,
+            starting_after: Some("evt_1 &x"),
+        };
+        assert_eq!(
+            query.encode(),
+            "types%5B%5D=checkout.session.completed&types%5B%5D=checkout.session.expired\
+             &created%5Bgte%5D=1700000000&delivery_success=false&limit=100\
+             &starting_after=evt_1%20%26x"
+        );
+        let every = EventQuery { delivery_success: None, starting_after: None, ..query };
+        assert_eq!(
+            every.encode(),
+            "types%5B%5D=checkout.session.completed&types%5B%5D=checkout.session.expired\
+             &created%5Bgte%5D=1700000000&limit=100"
+        );
+    }
+
+    #[test]
     fn rejects_a_base_that_is_not_a_url() {
         for base in ["", "stripe", "ftp://x/", "/v1"] {
             assert!(
