@@ -22,10 +22,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::error_chain;
 
-/// A pool of connections to the broker.
 /// The longest wait for a free connection of a [`Pool`] whose connections are all in use.
 pub const POOL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A pool of connections to the broker.
 pub type Pool = managed::Pool<Connector>;
 /// Why the pool gave no connection.
 pub type PoolError = managed::PoolError<ConnectError>;

@@ -1,10 +1,12 @@
-//! Publishing that waits for the broker's word.
+//! Publishing that waits for the broker's word, and consumers on channels of their own.
 
 use std::fmt;
 
-use lapin::Confirmation;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 
 /// Properties of every message payment-worker writes on its own: `application/json`,
 /// persistent (`delivery_mode: 2`), as the Go services write theirs.
@@ -109,4 +111,27 @@ impl Publisher {
     pub fn channel(&self) -> &Channel {
         &self.channel
     }
+}
+
+/// A consumer of `queue` on a channel of its own (which it keeps open), with at most
+/// `prefetch` deliveries unacknowledged and the consume `arguments`.
+///
+/// # Errors
+/// Which step the broker refused, and why.
+pub async fn consumer(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    arguments: FieldTable,
+) -> Result<Consumer, String> {
+    let channel =
+        connection.create_channel().await.map_err(|e| format!("opening a channel: {e}"))?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| format!("basic.qos: {e}"))?;
+    channel
+        .basic_consume(queue.into(), "".into(), BasicConsumeOptions::default(), arguments)
+        .await
+        .map_err(|e| format!("consuming {queue}: {e}"))
 }

@@ -23,12 +23,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use crate::broker::{PublishError, Publisher, persistent_json};
+use crate::broker::{PublishError, Publisher, consumer, persistent_json};
 use crate::headers::{long_string, string};
 use crate::metrics::Metrics;
 
@@ -159,23 +159,9 @@ impl Ledger {
         &self,
         connection: &lapin::Connection,
     ) -> Result<std::convert::Infallible, String> {
-        let channel =
-            connection.create_channel().await.map_err(|e| format!("opening a channel: {e}"))?;
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .map_err(|e| format!("basic.qos: {e}"))?;
         let mut arguments = FieldTable::default();
         arguments.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
-        let mut consumer = channel
-            .basic_consume(
-                self.stream.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                arguments,
-            )
-            .await
-            .map_err(|e| format!("consuming {}: {e}", self.stream))?;
+        let mut consumer = consumer(connection, &self.stream, PREFETCH, arguments).await?;
         debug!(stream = %self.stream, "reading the ledger");
         while let Some(delivery) = consumer.next().await {
             let delivery = delivery.map_err(|e| format!("reading {}: {e}", self.stream))?;

@@ -21,13 +21,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::access::Pool;
-use crate::broker::Publisher;
+use crate::broker::{Publisher, consumer};
 use crate::health::Readiness;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
@@ -105,21 +105,7 @@ impl Relay {
         let publisher = Publisher::open(connection)
             .await
             .map_err(|e| format!("opening the publish channel: {e}"))?;
-        let channel =
-            connection.create_channel().await.map_err(|e| format!("opening a channel: {e}"))?;
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .map_err(|e| format!("basic.qos: {e}"))?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| format!("consuming {queue}: {e}"))?;
+        let mut consumer = consumer(connection, queue, PREFETCH, FieldTable::default()).await?;
         let mut synced = false;
         loop {
             let delivery = tokio::select! {

@@ -57,7 +57,7 @@ pub struct ReconcileArgs {
     /// Every event of those types, not only those whose webhook delivery did not succeed.
     #[arg(long)]
     pub all: bool,
-    /// Print what would be published; publish nothing, record nothing.
+    /// Print what would be published; publish nothing and record no summary.
     #[arg(long)]
     pub dry_run: bool,
     /// Events asked for per page, 1 to 100.

@@ -528,10 +528,8 @@ impl StripeApi {
         debug_assert!(matches!(request.method, StripeMethod::Post));
         let uri = format!("{}v1{}", self.base, request.path);
         let form = metadata_in_order(&request.body.unwrap_or_default());
-        let http_request = hyper::Request::post(uri)
-            .header(AUTHORIZATION, self.authorization()?)
-            .header(USER_AGENT, concat!("payment-worker/", env!("CARGO_PKG_VERSION")))
-            .header("Stripe-Version", api_version())
+        let http_request = self
+            .request(hyper::Method::POST, uri)?
             .header("Idempotency-Key", idempotency_key(&cmd.trip_id))
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(form)))
@@ -557,10 +555,8 @@ impl StripeApi {
     /// See [`StripeError`].
     pub async fn list_events(&self, query: &EventQuery<'_>) -> Result<EventPage, StripeError> {
         let uri = format!("{}v1/events?{}", self.base, query.encode());
-        let http_request = hyper::Request::get(uri)
-            .header(AUTHORIZATION, self.authorization()?)
-            .header(USER_AGENT, concat!("payment-worker/", env!("CARGO_PKG_VERSION")))
-            .header("Stripe-Version", api_version())
+        let http_request = self
+            .request(hyper::Method::GET, uri)?
             .body(Full::new(Bytes::new()))
             .map_err(|e| StripeError::Transport(e.to_string()))?;
         let answer = self.exchange(http_request).await?;
@@ -571,13 +567,24 @@ impl StripeApi {
         Err(answer.error())
     }
 
-    fn authorization(&self) -> Result<HeaderValue, StripeError> {
+    /// A request to Stripe with the headers every call carries: the key, the user agent and
+    /// the API version.
+    fn request(
+        &self,
+        method: hyper::Method,
+        uri: String,
+    ) -> Result<hyper::http::request::Builder, StripeError> {
         let mut authorization =
             HeaderValue::try_from(format!("Bearer {}", self.secret.expose_secret())).map_err(
                 |_| StripeError::Transport("STRIPE_SECRET_KEY is not a valid header value".into()),
             )?;
         authorization.set_sensitive(true);
-        Ok(authorization)
+        Ok(hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(AUTHORIZATION, authorization)
+            .header(USER_AGENT, concat!("payment-worker/", env!("CARGO_PKG_VERSION")))
+            .header("Stripe-Version", api_version()))
     }
 
     /// Sends a request and reads the whole answer within the timeout.

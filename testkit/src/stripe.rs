@@ -364,7 +364,7 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
     if authorized && request.method() == hyper::Method::GET && request.uri().path() == "/v1/events"
     {
         let query = request.uri().query().unwrap_or_default().to_owned();
-        return Ok(list_events(&state, &query));
+        return list_events(&state, &query);
     }
     let form =
         header("content-type").is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
@@ -517,26 +517,20 @@ async fn handle(state: Arc<Mutex<State>>, request: Request<Incoming>) -> Answer 
 }
 
 /// `GET /v1/events`: a scripted failure, or a page of the events that match, newest first.
-fn list_events(state: &Mutex<State>, query: &str) -> Response<Full<Bytes>> {
+fn list_events(state: &Mutex<State>, query: &str) -> Answer {
     let mut state = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     match state.event_scripts.pop_front() {
         Some(Behaviour::Fail { status, kind, should_retry, .. }) => {
-            return json(
-                status,
-                error_body(kind, None, &format!("scripted {status}")),
-                false,
-                should_retry,
-            );
+            let body = error_body(kind, None, &format!("scripted {status}"));
+            return Ok(json(status, body, false, should_retry));
         }
         Some(Behaviour::RetryAfter { status, seconds }) => {
             let mut response =
                 json(status, error_body("rate_limit_error", None, "scripted"), false, None);
             response.headers_mut().insert("retry-after", seconds.into());
-            return response;
+            return Ok(response);
         }
-        Some(Behaviour::Drop) => {
-            return json(503, error_body("api_error", None, "scripted drop"), false, Some(true));
-        }
+        Some(Behaviour::Drop) => return Err(std::io::Error::other("scripted: connection dropped")),
         _ => {}
     }
     let mut types = Vec::new();
@@ -552,12 +546,12 @@ fn list_events(state: &Mutex<State>, query: &str) -> Response<Full<Bytes>> {
         }
     }
     if !(1..=100).contains(&limit) || types.len() > 20 {
-        return json(
+        return Ok(json(
             400,
             error_body("invalid_request_error", None, "limit must be 1 to 100, types[] at most 20"),
             false,
             None,
-        );
+        ));
     }
     state.event_queries.push(query.to_owned());
     let matching: Vec<&Event> = state
@@ -581,7 +575,7 @@ fn list_events(state: &Mutex<State>, query: &str) -> Response<Full<Bytes>> {
         "has_more": has_more,
         "data": page,
     });
-    json(200, body.to_string(), false, None)
+    Ok(json(200, body.to_string(), false, None))
 }
 
 fn unix_now() -> i64 {

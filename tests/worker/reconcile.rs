@@ -48,6 +48,11 @@ async fn start(world: &World, webhook_secret: &str) -> RunningWorker {
 
 /// Runs `payment-worker reconcile` against the world: `(exit code, stdout, stderr)`.
 async fn reconcile(world: &World, extra: &[&str]) -> (i32, String, String) {
+    reconcile_on(&world.vhost.uri(), world, extra).await
+}
+
+/// The same against the broker at `uri`.
+async fn reconcile_on(uri: &str, world: &World, extra: &[&str]) -> (i32, String, String) {
     let base = world.stripe.base_url();
     let mut args = vec![
         "reconcile",
@@ -59,7 +64,7 @@ async fn reconcile(world: &World, extra: &[&str]) -> (i32, String, String) {
         "2s",
     ];
     args.extend_from_slice(extra);
-    testkit::cli::run(env!("CARGO_BIN_EXE_payment-worker"), &world.vhost.uri(), &args).await
+    testkit::cli::run(env!("CARGO_BIN_EXE_payment-worker"), uri, &args).await
 }
 
 /// Riders pay for `count` trips: each is sent, its session created by the worker, then paid.
@@ -207,6 +212,7 @@ async fn stripe_failing_mid_listing_is_retried_and_the_run_finishes() {
         Behaviour::Succeed,
         Behaviour::RetryAfter { status: 429, seconds: 1 },
         Behaviour::unavailable(),
+        Behaviour::Drop,
         Behaviour::Fail { status: 500, kind: "api_error", saved: false, should_retry: None },
     ]);
     let (code, stdout, stderr) = reconcile(&world, &["--page-size", "10"]).await;
@@ -264,10 +270,7 @@ async fn a_window_past_stripes_retention_and_an_unreachable_broker_are_refused()
     assert!(stderr.contains("invalid --since: at most 30d"), "{stderr}");
 
     let dead = format!("amqp://guest:guest@{}/%2f", testkit::free_loopback_addr());
-    let base = world.stripe.base_url();
-    let args = ["reconcile", "--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &base];
-    let (code, _, stderr) =
-        testkit::cli::run(env!("CARGO_BIN_EXE_payment-worker"), &dead, &args).await;
+    let (code, _, stderr) = reconcile_on(&dead, &world, &[]).await;
     assert_ne!(code, 0);
     assert!(stderr.contains("connecting to"), "{stderr}");
 }
