@@ -302,13 +302,7 @@ impl Worker {
         });
         match cause {
             None => {
-                if let Intake::Consuming(consumer) = &intake {
-                    // A broker that does not answer must not hold up the stop: the close below
-                    // cancels the consumer anyway.
-                    let cancel =
-                        opened.channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-                    let _ = tokio::time::timeout(BROKER_REPLY_ON_STOP, cancel).await;
-                }
+                take_what_was_sent(&opened.channel, intake, &mut tasks).await;
                 self.drain(&mut tasks).await;
                 close(&connection).await;
                 ConnectionEnd::Stopped
@@ -491,6 +485,30 @@ impl Worker {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// On a stop, cancels the consumer and takes what the broker had already sent, so it is finished
+/// with the rest of the in-flight work instead of being handed back for redelivery. A broker that
+/// does not answer must not hold up the stop: each wait is bounded by [`BROKER_REPLY_ON_STOP`],
+/// and the close that follows cancels the consumer anyway.
+async fn take_what_was_sent(channel: &Channel, intake: Intake, tasks: &mut Tasks) {
+    let mut consumer = match intake {
+        Intake::Consuming(consumer) => {
+            let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+            if !matches!(tokio::time::timeout(BROKER_REPLY_ON_STOP, cancel).await, Ok(Ok(()))) {
+                return;
+            }
+            consumer
+        }
+        Intake::Draining(consumer) => consumer,
+        Intake::Paused { .. } => return,
+    };
+    // After cancel-ok the broker sends nothing more, and the stream ends once it is read.
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(BROKER_REPLY_ON_STOP, consumer.next()).await
+    {
+        tasks.spawn(delivery);
     }
 }
 
