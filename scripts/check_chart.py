@@ -22,8 +22,19 @@ def check(condition, message):
         failures.append(message)
 
 
+class StrictLoader(yaml.SafeLoader):
+    """Refuses a mapping that names a key twice: YAML parsers differ on which one wins."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(None, None, f"keys given twice: {repeated}", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load(name):
-    docs = [d for d in yaml.safe_load_all((RENDERS / f"{name}.yaml").read_text()) if d]
+    docs = [d for d in yaml.load_all((RENDERS / f"{name}.yaml").read_text(), Loader=StrictLoader) if d]
     return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
 
@@ -266,6 +277,17 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
             for r in group["rules"]:
                 check({"alert", "expr", "for", "labels", "annotations"} <= set(r), f"rule {r.get('alert')} is complete")
                 check(r["labels"].get("severity") in {"warning", "critical"}, f"rule {r.get('alert')} has a severity")
+        policies = {n: d for (k, n), d in docs.items() if k == "NetworkPolicy"}
+        workers = policies.get(deployment["metadata"]["name"])
+        jobs = policies.get(f"{deployment['metadata']['name']}-reconcile")
+        check(workers is not None and jobs is not None, f"{name}: a NetworkPolicy for the workers and one for the reconcile pods")
+        if workers and jobs and cron:
+            check(workers["spec"]["podSelector"]["matchLabels"] == selector, "the workers' NetworkPolicy selects the pods")
+            check(jobs["spec"]["podSelector"]["matchLabels"].items() <= job_pod["metadata"]["labels"].items(),
+                  "the reconcile NetworkPolicy selects the CronJob's pods")
+            check(jobs["spec"]["egress"] == workers["spec"]["egress"], "the reconcile pods reach what the workers reach")
+            check(jobs["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in jobs["spec"],
+                  "nothing may connect to the reconcile pods")
         ingress = only(docs, "Ingress")
         paths = [p["path"] for rule_ in ingress["spec"]["rules"] for p in rule_["http"]["paths"]]
         check(paths == ["/webhook/stripe"] and "/webhook/stripe" in routes, "the Ingress exposes only the webhook")
@@ -314,6 +336,15 @@ for args, expected in [
 off = helm_template("--set", "secrets.existingSecret=x", "--set", "reconcile.enabled=false")
 check(off.returncode == 0 and "kind: CronJob" not in off.stdout and "kind: Deployment" in off.stdout,
       f"reconcile.enabled=false renders no CronJob: {off.stderr.strip()[:300]}")
+
+# Without the CronJob, the alert on reconcile runs is left out of the PrometheusRule; the rest stays.
+unscheduled = helm_template("--set", "secrets.existingSecret=x", "--set", "reconcile.enabled=false",
+                            "--set", "prometheusRule.enabled=true")
+alerts = [r["alert"] for d in yaml.safe_load_all(unscheduled.stdout) if d and d["kind"] == "PrometheusRule"
+          for g in d["spec"]["groups"] for r in g["rules"]]
+shipped_alerts = [r["alert"] for g in yaml.safe_load((CHART / "files/alerts.yaml").read_text())["groups"] for r in g["rules"]]
+check(unscheduled.returncode == 0 and alerts == [a for a in shipped_alerts if a != "PaymentWorkerReconcileNotSucceeding"],
+      f"reconcile.enabled=false leaves out PaymentWorkerReconcileNotSucceeding only: {alerts} {unscheduled.stderr[:300]}")
 
 # Scaling to zero is allowed where nothing serves the webhook (mock mode, no Ingress, no key).
 zero = helm_template("--set", "mode=mock", "--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.minReplicas=0")

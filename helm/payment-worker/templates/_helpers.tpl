@@ -34,13 +34,26 @@ app.kubernetes.io/name: {{ include "payment-worker.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/* The reconcile CronJob's pods: not the Deployment's selector labels, so the Service and the
+PDB do not take them for workers. */}}
+{{- define "payment-worker.reconcileSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "payment-worker.name" . }}-reconcile
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: reconcile
+{{- end }}
+
 {{/* The labels of every object: the selector labels plus chart, version and manager. */}}
 {{- define "payment-worker.labels" -}}
+{{ include "payment-worker.partOfLabels" . }}
+app.kubernetes.io/component: worker
+{{- end }}
+
+{{/* The same without the component, for the reconcile CronJob's objects, which name their own. */}}
+{{- define "payment-worker.partOfLabels" -}}
 helm.sh/chart: {{ include "payment-worker.chart" . }}
 {{ include "payment-worker.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-app.kubernetes.io/component: worker
 {{- end }}
 
 {{/* The ServiceAccount the pods run as: the chart's own, or the one named in values. */}}
@@ -188,4 +201,26 @@ true
     secretName: {{ include "payment-worker.secretName" . }}
     defaultMode: 0440
 {{- end }}
+{{- end }}
+
+{{/* Where the worker and the reconcile pods may connect: the broker, Stripe, DNS. */}}
+{{- define "payment-worker.egress" }}
+    # The broker.
+    - ports:
+        - port: {{ .Values.networkPolicy.brokerPort }}
+          protocol: TCP
+      {{- with .Values.networkPolicy.brokerTo }}
+      to:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    # Stripe's API over HTTPS.
+    - ports:
+        - port: 443
+          protocol: TCP
+    # DNS.
+    - ports:
+        - port: 53
+          protocol: UDP
+        - port: 53
+          protocol: TCP
 {{- end }}
