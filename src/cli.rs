@@ -30,7 +30,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Listed after each command's own arguments, under a heading of their own.
 #[derive(Args, Clone)]
+#[command(next_help_heading = "Broker and logging (every command)")]
 pub struct GlobalArgs {
     /// Broker URI, credentials included (never logged); several, comma-separated, for the
     /// nodes of a cluster [default: amqp://guest:guest@rabbitmq:5672/%2f].
@@ -251,4 +253,37 @@ fn certificates(
         return Err(ConfigError::new(setting, flag, "no PEM certificate in it"));
     }
     Ok(certificates)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Each command's own arguments come first in its help, each with a description; the
+    /// broker options every command shares follow under their own heading.
+    #[test]
+    fn a_commands_help_lists_its_own_arguments_first_each_described() {
+        let mut cli = Cli::command();
+        cli.build();
+        for name in ["send", "reconcile", "run"] {
+            let command = cli.find_subcommand_mut(name).expect(name);
+            let help = command.render_long_help().to_string();
+            let shared = help.find("Broker and logging (every command):").expect(&help);
+            for arg in command.get_arguments().filter(|a| a.get_id() != "help") {
+                let flag = format!("--{}", arg.get_long().expect("a long flag"));
+                let at = [" ", "\n"]
+                    .iter()
+                    .find_map(|after| help.find(&format!("      {flag}{after}")))
+                    .expect(&flag);
+                if arg.is_global_set() {
+                    assert!(at > shared, "{name}: {flag} is a shared option, listed after");
+                } else {
+                    assert!(at < shared, "{name}: {flag} is its own, listed first");
+                    assert!(arg.get_help().is_some(), "{name}: {flag} has no description");
+                }
+            }
+        }
+    }
 }

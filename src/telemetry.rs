@@ -1,7 +1,10 @@
 //! Logs and traces.
 //!
 //! Logs are JSON lines (or text) on stderr; a line written while a payment is handled carries
-//! its `trace_id` and `span_id` among the span's fields, so logs and traces join.
+//! its `trace_id` and `span_id` among the span's fields, so logs and traces join. Text lines
+//! leave out the OpenTelemetry attributes (`otel.*`, `messaging.*`, `trip.id`, every name with
+//! a dot), which the spans carry for the exporter alongside the plain fields a person reads
+//! (`trip_id`, `attempt`), so each fact is shown once.
 //!
 //! Traces are OpenTelemetry spans, exported with OTLP over HTTP/protobuf when the standard
 //! variables ask for it: `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` is appended) or
@@ -18,6 +21,7 @@
 //! a backoff that grows while exports keep failing, counted in
 //! `payment_worker_trace_spans_dropped_total`, with a warning at most once a minute.
 
+use std::fmt;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +36,12 @@ use opentelemetry_sdk::runtime;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use prometheus::IntCounter;
+use tracing::field::{Field, Visit};
 use tracing::{Level, warn};
+use tracing_subscriber::field::RecordFields;
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FormatFields, FormattedFields};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
@@ -116,7 +124,7 @@ impl Telemetry {
                 .with_span_list(false)
                 .with_filter(filter)
                 .boxed(),
-            LogFormat::Text => logs.with_filter(filter).boxed(),
+            LogFormat::Text => logs.fmt_fields(PlainFields).with_filter(filter).boxed(),
         };
         let provider = export_requested()?.then(provider).transpose()?;
         let spans = provider.as_ref().map(|provider| {
@@ -249,5 +257,124 @@ impl<E: SpanExporter> SpanExporter for Guarded<E> {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+/// The fields of a text log line: those a person reads, without the OpenTelemetry attributes
+/// (every name with a dot), written as the default formatter writes them.
+struct PlainFields;
+
+impl<'writer> FormatFields<'writer> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
+        let mut visitor = PlainVisitor { writer, first: true, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+
+    fn add_fields(
+        &self,
+        current: &'writer mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        let first = current.fields.is_empty();
+        let mut visitor = PlainVisitor { writer: current.as_writer(), first, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct PlainVisitor<'writer> {
+    writer: Writer<'writer>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let name = field.name();
+        if self.result.is_err() || name.contains('.') {
+            return;
+        }
+        let separator = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = if name == "message" {
+            write!(self.writer, "{separator}{value:?}")
+        } else {
+            write!(self.writer, "{separator}{}={value:?}", name.trim_start_matches("r#"))
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::PlainFields;
+
+    /// What one payment's log line reads at LOG_FORMAT=text.
+    fn text_line(log: impl FnOnce()) -> String {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = {
+            let buffer = Arc::clone(&buffer);
+            move || BufferWriter(Arc::clone(&buffer))
+        };
+        let subscriber = tracing_subscriber::fmt()
+            .fmt_fields(PlainFields)
+            .with_writer(writer)
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        String::from_utf8(buffer.lock().unwrap().clone()).unwrap()
+    }
+
+    struct BufferWriter(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for BufferWriter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_text_line_shows_each_fact_once_without_the_otel_attributes() {
+        let line = text_line(|| {
+            let span = tracing::info_span!(
+                "payment",
+                otel.name = "process payment.cmd.create_session",
+                otel.kind = "consumer",
+                otel.status_code = tracing::field::Empty,
+                messaging.system = "rabbitmq",
+                messaging.destination.name = "payment_trip_response",
+                trip.id = "t-1",
+                trip_id = "t-1",
+                payment.attempt = 2,
+                attempt = 2,
+                trace_id = tracing::field::Empty,
+            );
+            let _entered = span.enter();
+            span.record("otel.status_code", "OK");
+            span.record("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736");
+            tracing::info!(session = "cs_1", "session created");
+        });
+        assert_eq!(
+            line.trim(),
+            "INFO payment{trip_id=\"t-1\" attempt=2 trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"}: \
+             payment_worker::telemetry::tests: session created session=\"cs_1\"",
+            "{line}"
+        );
     }
 }

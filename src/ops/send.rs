@@ -13,17 +13,22 @@ use crate::contract::Envelope;
 
 #[derive(Args, Clone)]
 pub struct SendArgs {
+    /// The trip to pay for: the session's idempotency key and `trip_id` metadata.
     #[arg(long)]
     pub trip_id: String,
+    /// The rider who pays (`user_id` metadata).
     #[arg(long)]
     pub user_id: String,
+    /// The driver who accepted the trip (`driver_id` metadata); none if left out.
     #[arg(long, default_value = "")]
     pub driver_id: String,
     /// Amount in minor units (cents).
     #[arg(long)]
     pub amount_cents: i64,
+    /// ISO 4217 currency code.
     #[arg(long, default_value = "USD")]
     pub currency: String,
+    /// The ride package (`package_slug` metadata on the session).
     #[arg(long)]
     pub package_slug: Option<String>,
     /// A W3C traceparent to start the trace with.
