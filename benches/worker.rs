@@ -346,7 +346,33 @@ async fn rate_limited_goodput(n: usize, replicas: usize, limit: usize) -> (f64, 
     let seen = stripe.seen();
     let limited = seen.iter().filter(|s| s.status == 429).count();
     let rate = n as f64 / done.duration_since(start).as_secs_f64();
+    if std::env::var_os("BENCH_TIMELINE").is_some() {
+        print_timeline(replicas, start, done, &seen);
+    }
     (rate / limit as f64, limited as f64 / seen.len() as f64)
+}
+
+/// BENCH_TIMELINE=1: where a rate-limited run's time went, on stderr: Stripe's answers per
+/// half second from the start, accepted and 429, and when the last was accepted.
+fn print_timeline(replicas: usize, start: Instant, done: Instant, seen: &[testkit::stripe::Seen]) {
+    let since = |at: Instant| at.duration_since(start).as_secs_f64();
+    let last = seen.iter().filter(|s| s.status != 429).map(|s| s.at).max().unwrap_or(start);
+    eprintln!(
+        "{replicas} pod(s): last accepted call at {:.2} s, every event at {:.2} s",
+        since(last),
+        since(done)
+    );
+    let halves = (since(done) * 2.0) as usize + 1;
+    let (mut accepted, mut limited) = (vec![0; halves], vec![0; halves]);
+    for s in seen {
+        let half = ((since(s.at) * 2.0) as usize).min(halves - 1);
+        if s.status == 429 {
+            limited[half] += 1;
+        } else {
+            accepted[half] += 1;
+        }
+    }
+    eprintln!("accepted per 0.5 s: {accepted:?}\n429 per 0.5 s:      {limited:?}");
 }
 
 /// A 30 s outage (503s) with `n` payments arriving at its start, one pod, Stripe allowing 100
