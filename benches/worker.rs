@@ -117,7 +117,7 @@ async fn connect(uri: &str) -> Connection {
 
 /// Declares the topology the way the worker does, without running it.
 async fn declare(uri: &str) {
-    let topology = payment_worker::topology::Topology::load(None).unwrap();
+    let topology = payment_worker::broker::topology::Topology::load(None).unwrap();
     let connection = connect(uri).await;
     topology.declare(&connection.create_channel().await.unwrap()).await.unwrap();
     let _ = connection.close(200, "declared".into()).await;

@@ -10,18 +10,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::access::Pool;
+use crate::broker::connect::Pool;
+use crate::broker::topology::{QueueType, Topology};
 use crate::cli::GlobalArgs;
 use crate::config::{ConfigError, RunArgs};
-use crate::flow::FlowControl;
+use crate::consumer::{Worker, WorkerError, WorkerSettings};
 use crate::health::Readiness;
 use crate::http::{HttpLimits, HttpState, router, serve};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::stripe::flow::FlowControl;
 use crate::stripe::{Gateway, StripeApi, key_livemode};
-use crate::topology::{QueueType, Topology};
 use crate::webhook::{Webhook, WebhookSettings};
-use crate::worker::{Worker, WorkerError, WorkerSettings};
 use secrecy::ExposeSecret;
 
 /// Why the worker could not start.
@@ -30,7 +30,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Topology(#[from] crate::topology::TopologyError),
+    Topology(#[from] crate::broker::topology::TopologyError),
     #[error("cannot listen on HTTP_ADDR {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }

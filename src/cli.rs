@@ -9,13 +9,13 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::access::{BrokerAccess, ClientIdentity, TlsMaterial, split_uris};
+use crate::broker::connect::{BrokerAccess, ClientIdentity, TlsMaterial, split_uris};
+use crate::broker::topology::{Topology, TopologyError};
 use crate::config::{ConfigError, RunArgs};
 use crate::ops::parked::ParkedCommand;
 use crate::ops::send::SendArgs;
 use crate::ops::topology::TopologyCommand;
 use crate::reconcile::ReconcileArgs;
-use crate::topology::{Topology, TopologyError};
 
 #[derive(Parser)]
 #[command(

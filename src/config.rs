@@ -8,13 +8,13 @@ use std::time::Duration;
 use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::breaker::BreakerSettings;
+use crate::broker::topology::MAX_RETRY_SCHEDULE;
 use crate::cli::secret_setting;
+use crate::consumer::ReconnectPolicy;
 use crate::http::HttpLimits;
-use crate::pacer::PacerSettings;
+use crate::stripe::breaker::BreakerSettings;
+use crate::stripe::pacer::PacerSettings;
 use crate::stripe::{CheckoutUrls, STRIPE_API};
-use crate::topology::MAX_RETRY_SCHEDULE;
-use crate::worker::ReconnectPolicy;
 
 /// A setting with a value the worker cannot use. Printed as `invalid SETTING (--flag): reason`,
 /// never with the value itself (it may be a secret).

@@ -19,7 +19,8 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use secrecy::SecretString;
 
 use crate::contract::CreateSession;
-use crate::retry::{self, FailedAttempt, MAX_CARRIED_HEADERS, Origin, ParkReason, RetryState};
+use crate::delivery::copies::{self, FailedAttempt, MAX_CARRIED_HEADERS, Origin, RetryState};
+use crate::delivery::outcome::ParkReason;
 use crate::webhook;
 
 /// The most an input may make its reader allocate at once: a fixed allowance and a multiple
@@ -306,8 +307,11 @@ fn retry_headers() {
         if let Some(len) = big {
             headers.insert("x-big".into(), AMQPValue::LongString(vec![b'b'; len].into()));
         }
-        let input_len: usize =
-            headers.inner().iter().map(|(k, v)| crate::headers::entry_len(k.as_str(), v)).sum();
+        let input_len: usize = headers
+            .inner()
+            .iter()
+            .map(|(k, v)| crate::broker::headers::entry_len(k.as_str(), v))
+            .sum();
         let original = BasicProperties::default().with_headers(headers);
         bounded(input_len, || {
             let state = RetryState::from_properties(&original);
@@ -331,9 +335,9 @@ fn retry_headers() {
                 let carried: usize = headers
                     .inner()
                     .iter()
-                    .map(|(k, v)| crate::headers::entry_len(k.as_str(), v))
+                    .map(|(k, v)| crate::broker::headers::entry_len(k.as_str(), v))
                     .sum();
-                let own = 16 * (retry::MAX_ERROR_LEN + 64);
+                let own = 16 * (copies::MAX_ERROR_LEN + 64);
                 assert!(carried <= MAX_CARRIED_HEADERS + own, "{carried} bytes of headers");
                 assert_eq!(RetryState::from_properties(&copy).attempts, attempts);
             }

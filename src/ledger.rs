@@ -28,8 +28,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use crate::broker::{PublishError, Publisher, consumer, persistent_json};
-use crate::headers::{long_string, string};
+use crate::broker::headers::{long_string, string};
+use crate::broker::publish::{PublishError, Publisher, consumer, persistent_json};
 use crate::metrics::Metrics;
 
 /// The header of a sync marker: its token.

@@ -5,19 +5,19 @@
 //!
 //! - [`cli`]: the command line and the settings every subcommand shares.
 //! - [`config`]: the worker's settings (`payment-worker run`), from flags and environment.
-//! - [`app`]: wiring; builds a [`worker::Worker`] and the HTTP server from configuration.
-//! - [`worker`]: the consumer loop and what happens to each delivery.
+//! - [`app`]: wiring; builds a [`consumer::Worker`] and the HTTP server from configuration.
+//! - [`consumer`]: the reconnecting consumer loop, one broker session at a time, the intake
+//!   that follows the Stripe circuit, and the handler of one delivery.
+//! - [`delivery`]: the delivery policy, pure: the retry headers and copies
+//!   ([`delivery::copies`]), what happens to a delivery ([`delivery::decision`]), how it
+//!   ended ([`delivery::outcome`]).
 //! - [`contract`]: the Go services' envelope and payloads, read and written as Go does.
 //! - [`money`]: integer amounts in minor units and currency exponents.
-//! - [`decision`]: what happens to a delivery, as one pure function of what went wrong.
-//! - [`stripe`]: Checkout Session creation, idempotent by trip, and failure classes.
-//! - [`flow`]: flow control in front of Stripe: [`breaker`] (the circuit breaker over
-//!   Stripe-wide failures) and [`pacer`] (the adaptive request rate).
-//! - [`retry`]: the headers a message carries between attempts; retry and parked copies.
-//! - [`topology`]: profiles (`topology/*.toml`) and the declarations they make.
-//! - [`access`]: reaching the broker: one node or a cluster's several, TLS, the pool.
-//! - [`broker`]: confirmed, mandatory publishing.
-//! - [`headers`]: AMQP header values, whatever type a peer sent them as.
+//! - [`stripe`]: Checkout Session creation, idempotent by trip, and failure classes; in front
+//!   of it the flow control ([`stripe::flow`], [`stripe::breaker`], [`stripe::pacer`]).
+//! - [`broker`]: reaching the broker ([`broker::connect`]), its declarations
+//!   ([`broker::topology`]), confirmed publishing ([`broker::publish`]) and header values
+//!   ([`broker::headers`]).
 //! - [`trace`]: W3C trace context carried from a command to the events it causes, and
 //!   the spans' helpers.
 //! - [`telemetry`]: logs, and OpenTelemetry spans exported with OTLP when asked for.
@@ -29,18 +29,15 @@
 //!   received it, with the published ids kept in a stream.
 //! - [`metrics`], [`health`], [`http`]: what operators see.
 
-pub mod access;
 pub mod app;
-pub mod breaker;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod consumer;
 pub mod contract;
-pub mod decision;
-pub mod flow;
+pub mod delivery;
 #[cfg(test)]
 mod fuzz;
-pub mod headers;
 pub mod health;
 pub mod http;
 pub mod ledger;
@@ -48,15 +45,11 @@ pub mod metrics;
 pub mod money;
 pub mod ops;
 pub mod outbox;
-pub mod pacer;
 pub mod reconcile;
-pub mod retry;
 pub mod stripe;
 pub mod telemetry;
-pub mod topology;
 pub mod trace;
 pub mod webhook;
-pub mod worker;
 
 /// An error and its sources, joined with `: `; a source whose text its error already
 /// includes is not repeated.

@@ -9,9 +9,9 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::breaker::State;
-use crate::broker::PublishError;
-use crate::worker::Outcome;
+use crate::broker::publish::PublishError;
+use crate::delivery::outcome::Outcome;
+use crate::stripe::breaker::State;
 
 /// The worker's metrics and the registry that serves them.
 pub struct Metrics {

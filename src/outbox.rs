@@ -26,12 +26,12 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::access::Pool;
-use crate::broker::{Publisher, consumer};
+use crate::broker::connect::Pool;
+use crate::broker::publish::{Publisher, consumer};
+use crate::broker::topology::Topology;
 use crate::health::Readiness;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::topology::Topology;
 
 /// How long one publish, or one ledger sync, may take.
 pub const OUTBOX_WAIT: Duration = Duration::from_secs(10);

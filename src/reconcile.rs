@@ -26,15 +26,15 @@ use lapin::types::FieldTable;
 use secrecy::ExposeSecret as _;
 use serde_json::Value;
 
-use crate::broker::{Publisher, persistent_json};
+use crate::broker::headers::long_string;
+use crate::broker::publish::{Publisher, persistent_json};
+use crate::broker::topology::Topology;
 use crate::cli::GlobalArgs;
 use crate::config::{ConfigError, parse_duration, parse_http_url, parse_rate, stripe_secret_key};
-use crate::headers::long_string;
 use crate::ledger::{Ledger, RECONCILED, Reconciled};
 use crate::ops::{BROKER_WAIT, OpsError, bounded, connect};
-use crate::pacer::{Pacer, PacerSettings, Turn};
+use crate::stripe::pacer::{Pacer, PacerSettings, Turn};
 use crate::stripe::{EventPage, EventQuery, STRIPE_API, StripeApi, StripeError, key_livemode};
-use crate::topology::Topology;
 use crate::webhook::{Reply, read_event, success_message};
 
 /// The event types listed: those the webhook acts on or counts.
@@ -90,7 +90,7 @@ pub enum ReconcileError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Topology(#[from] crate::topology::TopologyError),
+    Topology(#[from] crate::broker::topology::TopologyError),
     #[error(transparent)]
     Ops(#[from] OpsError),
     #[error("Stripe stayed unreachable: {0}")]

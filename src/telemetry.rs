@@ -190,8 +190,8 @@ fn provider() -> Result<SdkTracerProvider, ConfigError> {
 
 /// An exporter that pauses after a failure instead of encoding and sending every batch to a
 /// collector that cannot take it: while paused, batches are dropped unsent and counted. The
-/// pause starts at [`PAUSE_FIRST`] and doubles, up to [`PAUSE_MAX`], while exports fail; one
-/// success ends it. Failures are warned about at most once per [`WARN_EVERY`].
+/// pause starts at `PAUSE_FIRST` and doubles, up to `PAUSE_MAX`, while exports fail; one
+/// success ends it. Failures are warned about at most once per `WARN_EVERY`.
 #[derive(Debug)]
 pub struct Guarded<E> {
     inner: E,

@@ -15,7 +15,7 @@ use opentelemetry::trace::TraceContextExt as _;
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::headers::{long_string, string};
+use crate::broker::headers::{long_string, string};
 
 /// Makes the trace context in `properties`' headers the parent of `span` (when spans are
 /// exported; otherwise nothing happens), then records the span's ids in its `trace_id` and

@@ -38,13 +38,13 @@ use tracing::field::Empty;
 use tracing::{Instrument, error, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::access::Pool;
-use crate::broker::{PublishError, Publisher, persistent_json};
+use crate::broker::connect::Pool;
+use crate::broker::headers::long_string;
+use crate::broker::publish::{PublishError, Publisher, persistent_json};
+use crate::broker::topology::Topology;
 use crate::contract::{Envelope, PaymentSucceeded};
-use crate::headers::long_string;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
-use crate::topology::Topology;
 use crate::trace;
 
 /// The longest `Stripe-Signature` header read (Stripe's are a few hundred bytes).
@@ -188,7 +188,7 @@ impl Reply {
 #[derive(Debug, thiserror::Error)]
 enum NotPublished {
     #[error("connecting: {0}")]
-    Connect(crate::access::PoolError),
+    Connect(crate::broker::connect::PoolError),
     #[error("opening a channel: {0}")]
     Channel(lapin::Error),
     #[error(transparent)]

@@ -18,11 +18,11 @@ use std::time::Duration;
 use lapin::{Channel, Connection};
 use serde::Serialize;
 
-use crate::access::BrokerConnection;
-use crate::broker::PublishError;
+use crate::broker::connect::BrokerConnection;
+use crate::broker::publish::PublishError;
+use crate::broker::topology::TopologyError;
 use crate::cli::GlobalArgs;
 use crate::config::ConfigError;
-use crate::topology::TopologyError;
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]

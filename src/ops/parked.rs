@@ -9,12 +9,12 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 use super::{OpsError, bounded, channel, close, connect, print_json, within};
-use crate::broker::Publisher;
+use crate::broker::headers;
+use crate::broker::publish::Publisher;
+use crate::broker::topology::{QueueType, Topology};
 use crate::cli::GlobalArgs;
 use crate::contract::{CreateSession, Envelope};
-use crate::headers;
-use crate::retry::{self, RetryState};
-use crate::topology::{QueueType, Topology};
+use crate::delivery::copies::{self, RetryState};
 
 #[derive(Subcommand)]
 pub enum ParkedCommand {
@@ -128,7 +128,7 @@ impl ParkedCommand {
             Self::Replay { mut filter, dry_run, json, allow_new_session } => {
                 if !allow_new_session {
                     let window = REPLAY_WINDOW.as_millis() as u64;
-                    filter.arrived_after_ms = Some(retry::now_ms().saturating_sub(window));
+                    filter.arrived_after_ms = Some(copies::now_ms().saturating_sub(window));
                 }
                 (Action::Replay, filter, dry_run, json)
             }
@@ -222,10 +222,10 @@ impl ParkedEntry {
             currency: command.as_ref().map(|c| c.currency.as_received().to_owned()),
             // Parked by the broker (a quorum work queue's delivery limit) rather than by a
             // worker: its dead-letter headers say why.
-            reason: headers::string(&headers, retry::PARK_REASON)
+            reason: headers::string(&headers, copies::PARK_REASON)
                 .or_else(|| headers::string(&headers, "x-first-death-reason"))
                 .unwrap_or_else(|| "unknown".into()),
-            detail: headers::string(&headers, retry::PARK_DETAIL)
+            detail: headers::string(&headers, copies::PARK_DETAIL)
                 .or_else(|| {
                     let queue = headers::string(&headers, "x-first-death-queue")?;
                     Some(format!("dead-lettered by the broker from {queue}"))
@@ -234,7 +234,7 @@ impl ParkedEntry {
             attempts: state.attempts,
             first_seen_at_ms: state.first_seen_at,
             first_failure_at_ms: state.first_failure_at,
-            parked_at_ms: headers::int(&headers, retry::PARKED_AT)
+            parked_at_ms: headers::int(&headers, copies::PARKED_AT)
                 .and_then(|n| u64::try_from(n).ok()),
         }
     }
@@ -433,8 +433,8 @@ fn replay_properties(parked: &BasicProperties) -> BasicProperties {
         for (key, value) in original.inner() {
             let name = key.as_str();
             let keep = !name.starts_with("payment-")
-                || name == retry::ORIGINAL_EXCHANGE
-                || name == retry::ORIGINAL_ROUTING_KEY;
+                || name == copies::ORIGINAL_EXCHANGE
+                || name == copies::ORIGINAL_ROUTING_KEY;
             if keep {
                 headers.insert(key.clone(), value.clone());
             }

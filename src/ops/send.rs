@@ -7,7 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde::Serialize;
 
 use super::{OpsError, bounded, close, connect, print_json, within};
-use crate::broker::{Publisher, persistent_json};
+use crate::broker::publish::{Publisher, persistent_json};
 use crate::cli::GlobalArgs;
 use crate::contract::Envelope;
 

@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{OpsError, channel, close, connect, describe, print_json, within};
+use crate::broker::topology::Topology;
 use crate::cli::GlobalArgs;
-use crate::topology::Topology;
 
 #[derive(Subcommand)]
 pub enum TopologyCommand {

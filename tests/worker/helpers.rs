@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use payment_worker::app::App;
 use payment_worker::cli::{Cli, Command};
-use payment_worker::worker::WorkerError;
+use payment_worker::consumer::WorkerError;
 use testkit::amqp::Client;
 use testkit::http_get;
 use testkit::pod::{Pod, ready_within};

@@ -34,8 +34,8 @@ async fn a_worker_killed_while_its_retry_waits_loses_nothing() {
     let world = World::new("killed").await;
     // One 5 s delay, so there is time to see the original acked before the kill.
     let profile = std::env::temp_dir().join(format!("{}.toml", world.vhost.name()));
-    let text =
-        payment_worker::topology::DEFAULT_PROFILE.replace(r#"["1s", "2s", "4s"]"#, r#"["5s"]"#);
+    let text = payment_worker::broker::topology::DEFAULT_PROFILE
+        .replace(r#"["1s", "2s", "4s"]"#, r#"["5s"]"#);
     std::fs::write(&profile, text).unwrap();
     let profile_arg = profile.to_str().unwrap().to_owned();
     world.stripe.script("k-1", [Behaviour::unavailable()]);

@@ -1,5 +1,5 @@
 //! What happens to a delivery: one pure function from what went wrong, the attempt number and
-//! the retry schedule to one action. The handler in [`crate::worker`] only carries it out.
+//! the retry schedule to one action. The handler in [`crate::consumer`] only carries it out.
 //!
 //! | what went wrong | action |
 //! |---|---|
@@ -24,9 +24,9 @@
 
 use std::time::Duration;
 
-use crate::breaker::Spread;
-use crate::retry::ParkReason;
-use crate::topology::Delay;
+use crate::broker::topology::Delay;
+use crate::delivery::outcome::ParkReason;
+use crate::stripe::breaker::Spread;
 
 /// Why an attempt, or the publish of its replacement, did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,14 @@
 //! honour it: the retry happens in the broker, not in the client) and opens a new connection
 //! for every call. Only the fields the worker needs are read from the answer, so a session
 //! object from a newer API version still parses.
+//!
+//! In front of the client, per replica: [`flow`] grades Stripe's health and decides whether a
+//! call may go, from [`breaker`] (the circuit over Stripe-wide failures) and [`pacer`] (the
+//! adaptive request rate).
+
+pub mod breaker;
+pub mod flow;
+pub mod pacer;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,11 +38,11 @@ use tokio::sync::watch;
 use tracing::field::Empty;
 use tracing::{Instrument, Span, info, info_span};
 
-use crate::breaker::{Caller, Signal, Spread, State};
 use crate::contract::CreateSession;
 use crate::error_chain;
-use crate::flow::FlowControl;
 use crate::metrics::Metrics;
+use crate::stripe::breaker::{Caller, Signal, Spread, State};
+use crate::stripe::flow::FlowControl;
 use crate::trace;
 
 /// Stripe's own API, the default base URL.

@@ -15,7 +15,7 @@ use lapin::{Channel, ExchangeKind};
 use serde::{Deserialize, Serialize};
 
 /// The built-in default profile.
-pub const DEFAULT_PROFILE: &str = include_str!("../topology/default.toml");
+pub const DEFAULT_PROFILE: &str = include_str!("../../topology/default.toml");
 
 /// The longest retry schedule accepted (the delays added up). Stripe may prune an idempotency
 /// key once it is 24 hours old, after which a retry would create a second session; the other
@@ -641,7 +641,7 @@ mod tests {
     use super::*;
 
     fn quorum() -> Topology {
-        Topology::parse(include_str!("../topology/quorum.toml"), "quorum.toml").unwrap()
+        Topology::parse(include_str!("../../topology/quorum.toml"), "quorum.toml").unwrap()
     }
 
     #[test]
@@ -701,7 +701,7 @@ mod tests {
 
     #[test]
     fn the_extended_profile_adds_a_longer_tier_within_the_idempotency_window() {
-        let text = include_str!("../topology/extended.toml");
+        let text = include_str!("../../topology/extended.toml");
         let extended = Topology::parse(text, "extended.toml").unwrap();
         let default = Topology::load(None).unwrap();
         assert_eq!(extended.max_attempts(), 7);

@@ -2,7 +2,7 @@
 //! replica.
 //!
 //! A pure state machine: every method takes the current time, so the unit tests (and the
-//! controller's simulation in [`crate::flow`]) drive it with a clock of their own.
+//! controller's simulation in [`crate::stripe::flow`]) drive it with a clock of their own.
 //!
 //! **Evidence.** Only a payment's first answer counts, and only while it is on its first
 //! attempt (deferrals keep it there; a payment that spent an attempt is a *suspect*): the
@@ -19,7 +19,7 @@
 //! * *widespread* when at least `failure_ratio` of at least `min_calls` payments failed (a
 //!   brownout), or `consecutive` payments failed and none was answered (an outage from cold).
 //!   No attempt is spent: the payment is deferred and tried again at the rate Stripe
-//!   accepts ([`crate::pacer`] throttles).
+//!   accepts ([`crate::stripe::pacer`] throttles).
 //!
 //! **Circuit.** The full stop is for when nearly nothing gets through: the breaker opens when
 //! at least `open_ratio` (by default all) of the newest `min_calls` payments failed, or

@@ -5,12 +5,13 @@
 //! back in). A retry copy or a parked copy is the original body byte for byte with the
 //! original properties, minus the broker's dead-letter headers, plus these headers.
 
+use crate::delivery::outcome::ParkReason;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
-use crate::headers::{entry_len, int, long_string, string};
+use crate::broker::headers::{entry_len, int, long_string, string};
 
 /// Attempts made so far (failed ones); absent on a first delivery.
 pub const ATTEMPT: &str = "payment-attempt";
@@ -50,47 +51,6 @@ pub const MAX_ERROR_LEN: usize = 512;
 /// `frame_max` (128 KiB on RabbitMQ by default): a copy the broker cannot take would close the
 /// connection and bring the message back again and again, holding up the queue.
 pub const MAX_CARRIED_HEADERS: usize = 32 * 1024;
-
-/// Why a message was parked: a bounded set, used as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ParkReason {
-    /// The body is not a valid `payment.cmd.create_session`.
-    InvalidMessage,
-    /// The message arrived with a routing key the worker does not handle.
-    UnexpectedRoutingKey,
-    /// Stripe refused the request for good (a 4xx other than 409 and 429).
-    StripeRejected,
-    /// The trip's idempotency key was used with other parameters: the same trip with another
-    /// amount. A second session for one trip is never created.
-    IdempotencyConflict,
-    /// Stripe answered with something that is not a session.
-    StripeBadResponse,
-    /// Stripe replays a server error it saved under the trip's idempotency key: every retry
-    /// with the key gets the same answer.
-    StripeReplayedError,
-    /// Deferred (Stripe down or rate-limiting) for longer than the wait budget.
-    StripeUnavailable,
-    /// Every attempt failed with a transient error.
-    RetriesExhausted,
-    /// The retry copy could not be published (no wait queue took it).
-    RetryUnroutable,
-}
-
-impl ParkReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::InvalidMessage => "invalid_message",
-            Self::UnexpectedRoutingKey => "unexpected_routing_key",
-            Self::StripeRejected => "stripe_rejected",
-            Self::IdempotencyConflict => "idempotency_conflict",
-            Self::StripeBadResponse => "stripe_bad_response",
-            Self::StripeReplayedError => "stripe_replayed_error",
-            Self::StripeUnavailable => "stripe_unavailable",
-            Self::RetriesExhausted => "retries_exhausted",
-            Self::RetryUnroutable => "retry_unroutable",
-        }
-    }
-}
 
 /// The retry state read from a delivery's headers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

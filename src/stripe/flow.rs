@@ -1,5 +1,5 @@
-//! Flow control in front of Stripe: the evidence and circuit breaker ([`crate::breaker`]) and
-//! the pacer ([`crate::pacer`]) of one replica, shared by all its deliveries.
+//! Flow control in front of Stripe: the evidence and circuit breaker ([`crate::stripe::breaker`]) and
+//! the pacer ([`crate::stripe::pacer`]) of one replica, shared by all its deliveries.
 //!
 //! The policy is [`Controller`], pure (it takes the time), so a simulation drives it with a
 //! clock of its own (the tests below). [`FlowControl`] puts it behind a mutex for the worker:
@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::breaker::{Admission, Breaker, BreakerSettings, Caller, Signal, Spread, State};
 use crate::metrics::Metrics;
-use crate::pacer::{Pacer, PacerSettings, Slot, Turn};
 use crate::stripe::StripeError;
+use crate::stripe::breaker::{Admission, Breaker, BreakerSettings, Caller, Signal, Spread, State};
+use crate::stripe::pacer::{Pacer, PacerSettings, Slot, Turn};
 
 /// The breaker and the pacer, fed the same answers.
 #[derive(Debug)]
@@ -248,7 +248,7 @@ impl Drop for Permit<'_> {
 }
 
 /// The controller driven by a simulated clock through scripted answer sequences, with the
-/// worker's own decisions ([`crate::decision::decide`]) and retry schedule (1 s, 2 s, 4 s):
+/// worker's own decisions ([`crate::delivery::decision::decide`]) and retry schedule (1 s, 2 s, 4 s):
 /// what each kind of trouble costs in calls, and which phases the circuit goes through.
 #[cfg(test)]
 mod simulation {
@@ -256,8 +256,8 @@ mod simulation {
     use std::collections::BinaryHeap;
 
     use super::*;
-    use crate::decision::{Action, Class, decide};
-    use crate::topology::Delay;
+    use crate::broker::topology::Delay;
+    use crate::delivery::decision::{Action, Class, decide};
 
     /// How long Stripe takes to answer.
     const LATENCY: Duration = Duration::from_millis(50);

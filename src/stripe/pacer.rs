@@ -33,12 +33,12 @@
 //!   the next one, so one payment answered `Retry-After` again and again cannot hold up all
 //!   the others; another payment's, or a success in between, can.
 //!
-//! A pure state machine like [`crate::breaker`]: methods take the time.
+//! A pure state machine like [`crate::stripe::breaker`]: methods take the time.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-pub use crate::breaker::HORIZON;
+pub use crate::stripe::breaker::HORIZON;
 
 /// The longest `Retry-After` honoured.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);

@@ -1,0 +1,469 @@
+//! One delivery: its retry state read from headers, the attempt, the replacement confirmed,
+//! then the settle.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, error, info, info_span, warn};
+
+use crate::broker::publish::{PublishError, Publisher, persistent_json};
+use crate::broker::topology::{Delay, Topology};
+use crate::contract::{CreateSession, InvalidMessage};
+use crate::delivery::copies::{self, FailedAttempt, Origin, RetryState};
+use crate::delivery::decision::{Action, Class, decide, within_budget};
+use crate::delivery::outcome::{Outcome, ParkReason};
+use crate::metrics::Metrics;
+use crate::stripe::breaker::Signal;
+use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError};
+use crate::trace;
+
+use super::session::requeue;
+
+/// What one broker connection shares among its delivery tasks.
+pub(super) struct Handler {
+    pub(super) topology: Arc<Topology>,
+    pub(super) gateway: Arc<Gateway>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) urls: CheckoutUrls,
+    pub(super) wait_budget: Duration,
+    pub(super) publisher: Publisher,
+    /// Cancelled when a publish finds the channel broken: the connection must start over.
+    pub(super) connection_failed: CancellationToken,
+    /// Cancelled once a delivery whose event the broker refused is settled: the session
+    /// starts over on a new channel (see [`Failure::refused_event`]).
+    pub(super) event_refused: CancellationToken,
+}
+
+/// Why an attempt, or the publish of its replacement, did not succeed; `detail` is recorded
+/// on the replacement.
+struct Failure {
+    class: Class,
+    detail: String,
+    /// The broker nacked the result event. A channel that began publishing to a quorum
+    /// queue while its leader was being elected can go on being refused by it (RabbitMQ
+    /// 3.10), so the session starts over once this delivery is settled.
+    refused_event: bool,
+}
+
+impl Failure {
+    fn new(class: Class, detail: impl Into<String>) -> Self {
+        Self { class, detail: detail.into(), refused_event: false }
+    }
+}
+
+impl Handler {
+    pub(super) async fn handle(&self, delivery: Delivery) {
+        let started = Instant::now();
+        let started_ms = copies::now_ms();
+        let state = self.retry_state(&delivery);
+        let attempt = state.attempts.saturating_add(1);
+        self.observe_retry_delay(&state, started_ms);
+        let origin = Origin {
+            exchange: state
+                .original_exchange
+                .clone()
+                .unwrap_or_else(|| delivery.exchange.to_string()),
+            routing_key: state
+                .original_routing_key
+                .clone()
+                .unwrap_or_else(|| delivery.routing_key.to_string()),
+        };
+        let command = CreateSession::decode(&delivery.data);
+        let trip_id = match &command {
+            Ok(command) => command.trip_id.clone(),
+            Err(_) => CreateSession::trip_id_hint(&delivery.data).unwrap_or_default(),
+        };
+        let queue = &self.topology.work_queue.name;
+        let span = info_span!(
+            "command",
+            otel.name = %format_args!("process {queue}"),
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue,
+            messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+            messaging.message.id = Empty,
+            payment.attempt = attempt,
+            payment.outcome = Empty,
+            payment.park_reason = Empty,
+            trip.id = %trip_id,
+            trip_id = %trip_id,
+            attempt,
+            delivery_tag = delivery.delivery_tag,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("messaging.message.id", id.as_str());
+        }
+        trace::continue_from(&span, &delivery.properties);
+
+        let outcome_span = span.clone();
+        async {
+            let failure =
+                self.attempt(&origin, command, &delivery.properties, attempt > 1).await.err();
+            if let Some(failure) = &failure {
+                trace::failed(&outcome_span, &failure.detail);
+            }
+            let refused_event = failure.as_ref().is_some_and(|f| f.refused_event);
+            let attempted = FailedAttempt {
+                origin: &origin,
+                state: &state,
+                number: attempt,
+                started_ms,
+                now_ms: started_ms,
+                error: "",
+            };
+            let outcome = self.conclude(&delivery, attempted, failure).await;
+            outcome_span.record("payment.outcome", outcome.as_str());
+            if let Outcome::Parked(reason) = outcome {
+                outcome_span.record("payment.park_reason", reason.as_str());
+            }
+            self.settle(&delivery, outcome).await;
+            if refused_event {
+                self.event_refused.cancel();
+            }
+            self.metrics.record_outcome(outcome, attempt, self.topology.max_attempts());
+            self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
+            if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
+                let first_seen = state.first_seen_at.unwrap_or(started_ms);
+                let total = Duration::from_millis(copies::now_ms().saturating_sub(first_seen));
+                self.metrics
+                    .command_duration
+                    .with_label_values(&[outcome.as_str()])
+                    .observe(total.as_secs_f64());
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// The retry state the delivery carries, trusted only when it came through the default
+    /// exchange into the work queue: dead-lettered by a wait queue, deferred by a worker, or
+    /// replayed by an operator. A command from anywhere else (the trip exchange) starts at
+    /// attempt 1 whatever its headers say; the copies made of it overwrite them.
+    fn retry_state(&self, delivery: &Delivery) -> RetryState {
+        let came_back = delivery.exchange.as_str().is_empty()
+            && delivery.routing_key.as_str() == self.topology.work_queue.name;
+        if came_back {
+            RetryState::from_properties(&delivery.properties)
+        } else {
+            RetryState::default()
+        }
+    }
+
+    /// How long a retry copy really waited in the broker. Only known tiers become label
+    /// values: a forged header cannot grow the label set.
+    fn observe_retry_delay(&self, state: &RetryState, now_ms: u64) {
+        if let (Some(tier), Some(spent)) = (&state.retry_tier, state.time_in_broker(now_ms))
+            && self.topology.retry.delays.iter().any(|d| d.label() == tier)
+        {
+            self.metrics
+                .retry_delay
+                .with_label_values(&[tier.as_str()])
+                .observe(spent.as_secs_f64());
+        }
+    }
+
+    /// Decides what the attempt's `failure` (`None`: success) calls for and carries it out;
+    /// each replacement the broker refuses leads to the next decision, ending in an outcome.
+    async fn conclude(
+        &self,
+        delivery: &Delivery,
+        attempt: FailedAttempt<'_>,
+        failure: Option<Failure>,
+    ) -> Outcome {
+        let delays = &self.topology.retry.delays;
+        let (mut action, mut detail) = match failure {
+            None => (decide(attempt.number, None, delays), String::new()),
+            Some(f) => (decide(attempt.number, Some(f.class), delays), f.detail),
+        };
+        if matches!(action, Action::Defer | Action::DeferFor(_)) {
+            let since = copies::now_ms().saturating_sub(attempt.first_seen_ms());
+            let waited = Duration::from_millis(since);
+            action = within_budget(action, waited, self.wait_budget);
+            if matches!(action, Action::Park(_)) {
+                detail = format!(
+                    "deferred for {}s since it first arrived, past STRIPE_WAIT_BUDGET ({}s); \
+                     last: {detail}",
+                    waited.as_secs(),
+                    self.wait_budget.as_secs()
+                );
+            }
+        }
+        loop {
+            let failed =
+                FailedAttempt { now_ms: copies::now_ms(), error: &detail, ..attempt.clone() };
+            match self.execute(delivery, &action, &failed).await {
+                Ok(outcome) => return outcome,
+                Err(refused) => {
+                    action = decide(attempt.number, Some(refused.class), delays);
+                    detail = refused.detail;
+                }
+            }
+        }
+    }
+
+    /// Checks the message, creates the Checkout Session and publishes the event.
+    /// `suspect`: an earlier attempt of this payment failed (see [`Gateway::create_session`]).
+    async fn attempt(
+        &self,
+        origin: &Origin,
+        command: Result<CreateSession, InvalidMessage>,
+        incoming: &BasicProperties,
+        suspect: bool,
+    ) -> Result<(), Failure> {
+        let expected = &self.topology.routing_keys.create_session;
+        if &origin.routing_key != expected {
+            return Err(Failure::new(
+                Class::Permanent(ParkReason::UnexpectedRoutingKey),
+                format!("routing key {:?} is not {expected:?}", origin.routing_key),
+            ));
+        }
+        let command = command.map_err(|invalid| {
+            Failure::new(Class::Permanent(ParkReason::InvalidMessage), invalid.to_string())
+        })?;
+        let session = self
+            .gateway
+            .create_session(&command, &self.urls, suspect)
+            .await
+            .map_err(call_failure)?;
+        let body = command.session_created(&session.id);
+        let properties = event_properties(
+            format!("{}:{}", self.topology.routing_keys.session_created, command.trip_id),
+            incoming,
+        );
+        let routing_key = &self.topology.routing_keys.session_created;
+        let exchange = &self.topology.exchanges.trip;
+        let span = trace::producer_span(exchange, routing_key, "event");
+        match self.publish(exchange, routing_key, &body, properties, span).await {
+            Ok(()) => {
+                info!(
+                    outcome = "succeeded",
+                    session_id = %session.id,
+                    replayed = session.replayed,
+                    "session created, event published",
+                );
+                Ok(())
+            }
+            Err(e) if e.is_channel_failure() => Err(Failure::new(Class::Channel, e.to_string())),
+            Err(e) => Err(Failure {
+                refused_event: matches!(e, PublishError::Nacked),
+                ..Failure::new(Class::Transient, format!("publishing {routing_key}: {e}"))
+            }),
+        }
+    }
+
+    /// Carries out `action`: publishes the replacement it calls for. `Err` when the broker
+    /// refused the replacement.
+    async fn execute(
+        &self,
+        delivery: &Delivery,
+        action: &Action,
+        failed: &FailedAttempt<'_>,
+    ) -> Result<Outcome, Failure> {
+        let original = &delivery.properties;
+        let (exchange, routing_key, properties, outcome, refused) = match action {
+            Action::Ack => return Ok(Outcome::Succeeded),
+            Action::Requeue => return Ok(Outcome::Requeued),
+            Action::Abandon => {
+                warn!(error = %failed.error, "publish channel failed; the broker will redeliver");
+                return Ok(Outcome::Abandoned);
+            }
+            Action::Retry(delay) => (
+                self.topology.retry.exchange.as_str(),
+                delay.label(),
+                failed.retry_properties(original, delay.label(), delay.millis()),
+                Outcome::Retried,
+                Class::RetryRefused,
+            ),
+            Action::Park(reason) => (
+                "",
+                self.topology.parking.queue.as_str(),
+                failed.parked_properties(original, *reason),
+                Outcome::Parked(*reason),
+                Class::ParkRefused,
+            ),
+            Action::Defer => (
+                "",
+                self.topology.work_queue.name.as_str(),
+                failed.deferred_properties(original),
+                Outcome::Deferred,
+                Class::DeferRefused,
+            ),
+            Action::DeferFor(delay) => (
+                self.topology.retry.exchange.as_str(),
+                delay.label(),
+                failed
+                    .deferred_properties(original)
+                    .with_expiration(delay.millis().to_string().into()),
+                Outcome::Deferred,
+                Class::DeferRefused,
+            ),
+        };
+        let span = trace::producer_span(exchange, routing_key, copy_name(outcome));
+        if let Outcome::Parked(reason) = outcome {
+            span.record("payment.park_reason", reason.as_str());
+        }
+        let mut published =
+            self.publish(exchange, routing_key, &delivery.data, properties.clone(), span).await;
+        if let (Action::Retry(delay), Err(PublishError::Returned { .. })) = (action, &published) {
+            published = self.redeclare_and_retry(delay, &delivery.data, properties).await;
+        }
+        match published {
+            Ok(()) => {
+                match outcome {
+                    Outcome::Retried => {
+                        info!(
+                            outcome = "retried",
+                            tier = routing_key,
+                            error = %failed.error,
+                            "attempt failed, retry scheduled in the broker",
+                        )
+                    }
+                    Outcome::Parked(reason) => {
+                        warn!(
+                            outcome = "parked",
+                            reason = reason.as_str(),
+                            error = %failed.error,
+                            "message parked",
+                        )
+                    }
+                    _ => {
+                        debug!(
+                            outcome = "deferred",
+                            error = %failed.error,
+                            "Stripe is the problem: back to the work queue, no attempt spent",
+                        )
+                    }
+                }
+                Ok(outcome)
+            }
+            Err(e) if e.is_channel_failure() => Ok(Outcome::Abandoned),
+            Err(e) => {
+                if matches!(refused, Class::ParkRefused | Class::DeferRefused) {
+                    error!(
+                        outcome = "requeued",
+                        error = %e,
+                        "the broker refused the replacement; handing the message back",
+                    );
+                }
+                Err(Failure::new(
+                    refused,
+                    format!("{}; the {} copy was refused: {e}", failed.error, outcome.as_str()),
+                ))
+            }
+        }
+    }
+
+    /// A retry copy found no wait queue bound (someone deleted it while the worker ran):
+    /// declares it again and publishes the copy once more.
+    async fn redeclare_and_retry(
+        &self,
+        delay: &Delay,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let queue = self.topology.wait_queue(delay);
+        warn!(queue = %queue, "a retry copy found no wait queue; declaring it again");
+        if let Err(e) = self.topology.declare_wait_queue(self.publisher.channel(), delay).await {
+            warn!(queue = %queue, error = %e, "declaring the wait queue again failed");
+        }
+        let exchange = &self.topology.retry.exchange;
+        let span = trace::producer_span(exchange, delay.label(), "retry");
+        self.publish(exchange, delay.label(), body, properties, span).await
+    }
+
+    /// Acks once the replacement is confirmed, or hands the message back.
+    async fn settle(&self, delivery: &Delivery, outcome: Outcome) {
+        match outcome {
+            Outcome::Succeeded | Outcome::Retried | Outcome::Parked(_) | Outcome::Deferred => {
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    // The replacement is already confirmed; the broker redelivers the original
+                    // and idempotency makes the second pass harmless.
+                    warn!(error = %e, "ack failed after the replacement was confirmed");
+                    self.metrics.channel_errors.inc();
+                    self.connection_failed.cancel();
+                }
+            }
+            Outcome::Requeued => requeue(&delivery.acker).await,
+            Outcome::Abandoned => {}
+        }
+    }
+
+    /// Publishes on the connection's confirm channel, inside `span` (a producer span whose
+    /// trace context the message carries). A failure is counted; a broken channel also ends
+    /// the connection, since nothing more can be published or acked on it.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        span: Span,
+    ) -> Result<(), PublishError> {
+        let properties = span.in_scope(|| trace::stamp(properties));
+        let result = self
+            .publisher
+            .publish(exchange, routing_key, body, properties)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &result {
+            trace::failed(&span, e);
+            self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
+            if e.is_channel_failure() {
+                self.connection_failed.cancel();
+            }
+        }
+        result
+    }
+}
+
+/// What a replacement copy is, in a producer span.
+fn copy_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Retried => "retry",
+        Outcome::Parked(_) => "parked",
+        _ => "deferred",
+    }
+}
+
+/// The class of a failed Stripe call.
+fn call_failure(error: CallError) -> Failure {
+    let CallError::Stripe { error, spread } = error else {
+        return Failure::new(Class::CircuitOpen, error.to_string());
+    };
+    let class = match error.signal() {
+        Signal::Throttled => Class::RateLimited,
+        Signal::Failed => Class::StripeWide(spread),
+        Signal::Answered if error.is_replayed_server_error() => {
+            Class::Permanent(ParkReason::StripeReplayedError)
+        }
+        Signal::Answered if error.is_transient() => Class::Transient,
+        Signal::Answered if error.is_parameter_mismatch() => {
+            Class::Permanent(ParkReason::IdempotencyConflict)
+        }
+        Signal::Answered if matches!(error, StripeError::BadResponse(_)) => {
+            Class::Permanent(ParkReason::StripeBadResponse)
+        }
+        Signal::Answered => Class::Permanent(ParkReason::StripeRejected),
+    };
+    Failure::new(class, error.to_string())
+}
+
+/// Properties of an event published on behalf of `incoming`: persistent JSON with a
+/// deterministic message id, continuing the incoming W3C trace.
+pub fn event_properties(message_id: String, incoming: &BasicProperties) -> BasicProperties {
+    let properties = persistent_json().with_message_id(message_id.into());
+    match trace::continued(incoming) {
+        Some(headers) => properties.with_headers(headers),
+        None => properties,
+    }
+}

@@ -1,0 +1,356 @@
+//! One broker connection: open the channels and the consumer, take deliveries while
+//! following the circuit, then drain (asked to stop) or abandon (lost), and close.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::broker::connect::PoolError;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::broker::publish::Publisher;
+use crate::error_chain;
+use crate::stripe::breaker::State;
+
+use super::handler::Handler;
+use super::intake::{Intake, circuit_changed, sleep_until};
+use super::{BROKER_REPLY_ON_STOP, ConnectionEnd, REQUEUE_PAUSE, Worker};
+
+/// What a broker connection holds once it is set up.
+struct Opened {
+    publisher: Publisher,
+    /// The consume channel.
+    channel: Channel,
+    consumer: Consumer,
+}
+
+impl Worker {
+    /// One broker connection, from connecting to its end: open, consume, then drain (asked to
+    /// stop) or abandon (lost).
+    pub(super) async fn connection(&self, shutdown: &CancellationToken) -> ConnectionEnd {
+        let connection = match self.pool.get().await {
+            Ok(connection) => connection,
+            Err(e) => {
+                let answered = match &e {
+                    PoolError::Backend(e) => e.answered,
+                    _ => true,
+                };
+                let cause = format!("connecting: {}", error_chain(&e));
+                return ConnectionEnd::Lost { consumed: false, answered, cause };
+            }
+        };
+        let opened = match self.open(&connection).await {
+            Ok(opened) => opened,
+            Err(end) => {
+                close(&connection).await;
+                return end;
+            }
+        };
+        info!(
+            queue = %self.topology.work_queue.name,
+            node = %connection.node(),
+            prefetch = self.settings.prefetch,
+            profile = %self.topology.profile,
+            "consuming",
+        );
+        self.readiness.set_ready(format!(
+            "consuming {} on {}",
+            self.topology.work_queue.name,
+            connection.node()
+        ));
+        self.metrics.broker_connected.set(1);
+
+        let connection_failed = CancellationToken::new();
+        let handler = Arc::new(Handler {
+            topology: self.topology.clone(),
+            gateway: self.gateway.clone(),
+            metrics: self.metrics.clone(),
+            urls: self.settings.urls.clone(),
+            wait_budget: self.settings.wait_budget,
+            publisher: opened.publisher,
+            connection_failed: connection_failed.clone(),
+            event_refused: CancellationToken::new(),
+        });
+        let mut tasks = Tasks { handler, set: JoinSet::new(), in_flight: HashMap::new() };
+        let mut intake = Intake::Consuming(opened.consumer);
+        let cause = self
+            .consume(&opened.channel, &mut intake, &mut tasks, shutdown, &connection_failed)
+            .await;
+
+        if let Intake::Paused { since } = intake {
+            self.metrics.intake_paused_seconds.inc_by(since.elapsed().as_secs_f64());
+        }
+        self.readiness.set_not_ready(match &cause {
+            None => "shutting down".to_owned(),
+            Some(cause) => format!("broker session lost: {cause}"),
+        });
+        match cause {
+            None => {
+                take_what_was_sent(&opened.channel, intake, &mut tasks).await;
+                self.drain(&mut tasks).await;
+                close(&connection).await;
+                ConnectionEnd::Stopped
+            }
+            Some(cause) => {
+                self.metrics.channel_errors.inc();
+                tasks.set.abort_all();
+                // Closing the connection hands every unacked delivery back to the broker.
+                close(&connection).await;
+                ConnectionEnd::Lost { consumed: true, answered: false, cause }
+            }
+        }
+    }
+
+    /// Declares the topology and opens the publish and consume channels and the consumer.
+    async fn open(&self, connection: &Connection) -> Result<Opened, ConnectionEnd> {
+        let lost = |cause: String| ConnectionEnd::Lost { consumed: false, answered: true, cause };
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost(format!("opening a channel: {e}")))?;
+        if let Err(e) = self.topology.declare(&channel).await {
+            return Err(if e.is_transient() {
+                lost(e.to_string())
+            } else {
+                ConnectionEnd::Fatal(e)
+            });
+        }
+        let _ = channel.close(200, "topology declared".into()).await;
+        let publisher = Publisher::open(connection)
+            .await
+            .map_err(|e| lost(format!("opening the publish channel: {e}")))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| lost(format!("opening the consume channel: {e}")))?;
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| lost(format!("basic.qos: {e}")))?;
+        let consumer = self.start_consumer(&channel).await.map_err(lost)?;
+        Ok(Opened { publisher, channel, consumer })
+    }
+
+    /// Takes deliveries until asked to stop (`None`) or the connection fails (the cause), and
+    /// follows the Stripe circuit meanwhile.
+    async fn consume(
+        &self,
+        channel: &Channel,
+        intake: &mut Intake,
+        tasks: &mut Tasks,
+        shutdown: &CancellationToken,
+        connection_failed: &CancellationToken,
+    ) -> Option<String> {
+        let mut circuit = self.gateway.circuit();
+        let event_refused = tasks.handler.event_refused.clone();
+        // The task handling the message fetched to probe Stripe, while it runs.
+        let mut probe = None;
+        loop {
+            let probe_at = intake.probe_at(probe.is_some(), circuit.as_ref());
+            // `biased`, in this order: a stop or a failed connection wins over new work, and
+            // finished tasks are collected (and a panicked one's message handed back) before
+            // more deliveries are taken, so the in-flight set never outgrows the prefetch.
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return None,
+                () = connection_failed.cancelled() => {
+                    return Some("a channel failed while publishing".to_owned());
+                }
+                () = event_refused.cancelled() => {
+                    return Some("the broker refused an event; starting over on a new channel".to_owned());
+                }
+                Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
+                    if probe == Some(id) {
+                        probe = None;
+                    }
+                }
+                state = circuit_changed(&mut circuit) => {
+                    if let Err(cause) = self.steer(channel, intake, state).await {
+                        return Some(cause);
+                    }
+                }
+                next = intake.next(), if intake.has_consumer() => match next {
+                    Some(Ok(delivery)) => {
+                        tasks.spawn(delivery);
+                    }
+                    Some(Err(e)) => return Some(format!("consumer: {e}")),
+                    None if matches!(intake, Intake::Draining(_)) => {
+                        *intake = Intake::Paused { since: Instant::now() };
+                        let state = circuit.as_ref().map(|c| *c.borrow());
+                        if let Err(cause) = self.steer(channel, intake, state).await {
+                            return Some(cause);
+                        }
+                    }
+                    None => {
+                        let queue = &self.topology.work_queue.name;
+                        return Some(format!("the broker cancelled the consumer on {queue}"));
+                    }
+                },
+                () = sleep_until(probe_at), if probe_at.is_some() => {
+                    match self.fetch_probe(channel).await {
+                        Ok(Some(delivery)) => probe = Some(tasks.spawn(delivery)),
+                        // Nothing waits: consume again, the first delivery probes.
+                        Ok(None) => match self.start_consumer(channel).await {
+                            Ok(consumer) => intake.resume(consumer, &self.metrics),
+                            Err(cause) => return Some(cause),
+                        },
+                        Err(cause) => return Some(cause),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One message from the work queue to probe Stripe with, if any waits.
+    async fn fetch_probe(&self, channel: &Channel) -> Result<Option<Delivery>, String> {
+        let queue = &self.topology.work_queue.name;
+        channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .map(|message| message.map(|m| m.delivery))
+            .map_err(|e| format!("basic.get on {queue}: {e}"))
+    }
+
+    /// Waits for the in-flight deliveries, at most `SHUTDOWN_GRACE`; what is left is aborted
+    /// and comes back from the broker.
+    async fn drain(&self, tasks: &mut Tasks) {
+        info!(
+            in_flight = tasks.set.len(),
+            grace_ms = self.settings.shutdown_grace.as_millis() as u64,
+            "stopping: draining in-flight deliveries"
+        );
+        let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
+            while tasks.set.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                left = tasks.set.len(),
+                "shutdown grace spent; the broker will redeliver what is left"
+            );
+            tasks.set.abort_all();
+        }
+    }
+
+    /// Starts a consumer on the work queue.
+    async fn start_consumer(&self, channel: &Channel) -> Result<Consumer, String> {
+        channel
+            .basic_consume(
+                self.topology.work_queue.name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| format!("consuming {}: {e}", self.topology.work_queue.name))
+    }
+
+    /// Follows the circuit: cancels the consumer when it opens (payments then wait in the
+    /// work queue, where other replicas can take them), consumes again when it closes.
+    async fn steer(
+        &self,
+        channel: &Channel,
+        intake: &mut Intake,
+        circuit: Option<State>,
+    ) -> Result<(), String> {
+        match (circuit, &*intake) {
+            (Some(State::Open { .. }), Intake::Consuming(consumer)) => {
+                let consumer = consumer.clone();
+                channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await
+                    .map_err(|e| format!("basic.cancel: {e}"))?;
+                *intake = Intake::Draining(consumer);
+            }
+            (Some(State::Closed), Intake::Paused { .. }) => {
+                let consumer = self.start_consumer(channel).await?;
+                intake.resume(consumer, &self.metrics);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// On a stop, cancels the consumer and takes what the broker had already sent, so it is finished
+/// with the rest of the in-flight work instead of being handed back for redelivery. A broker that
+/// does not answer must not hold up the stop: each wait is bounded by [`BROKER_REPLY_ON_STOP`],
+/// and the close that follows cancels the consumer anyway.
+async fn take_what_was_sent(channel: &Channel, intake: Intake, tasks: &mut Tasks) {
+    let mut consumer = match intake {
+        Intake::Consuming(consumer) => {
+            let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+            if !matches!(tokio::time::timeout(BROKER_REPLY_ON_STOP, cancel).await, Ok(Ok(()))) {
+                return;
+            }
+            consumer
+        }
+        Intake::Draining(consumer) => consumer,
+        Intake::Paused { .. } => return,
+    };
+    // After cancel-ok the broker sends nothing more, and the stream ends once it is read.
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(BROKER_REPLY_ON_STOP, consumer.next()).await
+    {
+        tasks.spawn(delivery);
+    }
+}
+
+/// The delivery tasks of one connection.
+struct Tasks {
+    handler: Arc<Handler>,
+    set: JoinSet<()>,
+    /// The acker of each task's delivery, so a handler that panicked still hands its
+    /// message back.
+    in_flight: HashMap<tokio::task::Id, lapin::Acker>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, delivery: Delivery) -> tokio::task::Id {
+        let acker = delivery.acker.clone();
+        let handler = self.handler.clone();
+        let id = self.set.spawn(async move { handler.handle(delivery).await }).id();
+        self.in_flight.insert(id, acker);
+        id
+    }
+
+    /// Collects a finished task; requeues the delivery of one that panicked.
+    async fn join_next(&mut self) -> Option<tokio::task::Id> {
+        let (id, panicked) = match self.set.join_next_with_id().await? {
+            Ok((id, ())) => (id, false),
+            Err(e) => (e.id(), e.is_panic()),
+        };
+        if let Some(acker) = self.in_flight.remove(&id)
+            && panicked
+        {
+            error!("a delivery handler panicked; handing its message back to the broker");
+            tokio::spawn(async move { requeue(&acker).await });
+        }
+        Some(id)
+    }
+}
+
+/// Closes the connection, waiting at most [`BROKER_REPLY_ON_STOP`] for the broker's word;
+/// dropping it then closes the socket, which hands back whatever was unacked all the same.
+async fn close(connection: &Connection) {
+    if connection.status().connected() {
+        let close = connection.close(200, "payment-worker connection ended".into());
+        let _ = tokio::time::timeout(BROKER_REPLY_ON_STOP, close).await;
+    }
+}
+
+pub(super) async fn requeue(acker: &lapin::Acker) {
+    tokio::time::sleep(REQUEUE_PAUSE).await;
+    if let Err(e) = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await {
+        warn!(error = %e, "nack failed; the broker redelivers when the channel closes");
+    }
+}
