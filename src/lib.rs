@@ -9,8 +9,8 @@
 //! - [`consumer`]: the reconnecting consumer loop, one broker session at a time, the intake
 //!   that follows the Stripe circuit, and the handler of one delivery.
 //! - [`delivery`]: the delivery policy, pure: the retry headers and copies
-//!   ([`delivery::copies`]), what happens to a delivery ([`delivery::decision`]), how it
-//!   ended ([`delivery::outcome`]).
+//!   ([`delivery::copies`]), what happens to a delivery ([`delivery::decision`]), where its
+//!   replacement goes ([`delivery::plan`]), how it ended ([`delivery::outcome`]).
 //! - [`contract`]: the Go services' envelope and payloads, read and written as Go does.
 //! - [`money`]: integer amounts in minor units and currency exponents.
 //! - [`stripe`]: Checkout Session creation, idempotent by trip, and failure classes; in front

@@ -17,6 +17,7 @@ use crate::contract::{CreateSession, InvalidMessage};
 use crate::delivery::copies::{self, FailedAttempt, Origin, RetryState};
 use crate::delivery::decision::{Action, Class, decide, within_budget};
 use crate::delivery::outcome::{Outcome, ParkReason};
+use crate::delivery::plan::{Copy, Plan, plan};
 use crate::metrics::Metrics;
 use crate::stripe::breaker::Signal;
 use crate::stripe::{CallError, CheckoutUrls, Gateway, StripeError};
@@ -60,7 +61,11 @@ impl Handler {
     pub(super) async fn handle(&self, delivery: Delivery) {
         let started = Instant::now();
         let started_ms = copies::now_ms();
-        let state = self.retry_state(&delivery);
+        let state = RetryState::arrived(
+            (delivery.exchange.as_str(), delivery.routing_key.as_str()),
+            &self.topology.work_queue.name,
+            &delivery.properties,
+        );
         let attempt = state.attempts.saturating_add(1);
         self.observe_retry_delay(&state, started_ms);
         let origin = Origin {
@@ -145,30 +150,10 @@ impl Handler {
         .await;
     }
 
-    /// The retry state the delivery carries, trusted only when it came through the default
-    /// exchange into the work queue: dead-lettered by a wait queue, deferred by a worker, or
-    /// replayed by an operator. A command from anywhere else (the trip exchange) starts at
-    /// attempt 1 whatever its headers say; the copies made of it overwrite them.
-    fn retry_state(&self, delivery: &Delivery) -> RetryState {
-        let came_back = delivery.exchange.as_str().is_empty()
-            && delivery.routing_key.as_str() == self.topology.work_queue.name;
-        if came_back {
-            RetryState::from_properties(&delivery.properties)
-        } else {
-            RetryState::default()
-        }
-    }
-
-    /// How long a retry copy really waited in the broker. Only known tiers become label
-    /// values: a forged header cannot grow the label set.
+    /// How long a retry copy really waited in the broker, for the tiers the topology has.
     fn observe_retry_delay(&self, state: &RetryState, now_ms: u64) {
-        if let (Some(tier), Some(spent)) = (&state.retry_tier, state.time_in_broker(now_ms))
-            && self.topology.retry.delays.iter().any(|d| d.label() == tier)
-        {
-            self.metrics
-                .retry_delay
-                .with_label_values(&[tier.as_str()])
-                .observe(spent.as_secs_f64());
+        if let Some((tier, spent)) = state.retry_delay(&self.topology.retry.delays, now_ms) {
+            self.metrics.retry_delay.with_label_values(&[tier]).observe(spent.as_secs_f64());
         }
     }
 
@@ -269,46 +254,16 @@ impl Handler {
         action: &Action,
         failed: &FailedAttempt<'_>,
     ) -> Result<Outcome, Failure> {
-        let original = &delivery.properties;
-        let (exchange, routing_key, properties, outcome, refused) = match action {
-            Action::Ack => return Ok(Outcome::Succeeded),
-            Action::Requeue => return Ok(Outcome::Requeued),
-            Action::Abandon => {
+        let copy = match plan(action, failed, &delivery.properties, &self.topology) {
+            Plan::Settle(Outcome::Abandoned) => {
                 warn!(error = %failed.error, "publish channel failed; the broker will redeliver");
                 return Ok(Outcome::Abandoned);
             }
-            Action::Retry(delay) => (
-                self.topology.retry.exchange.as_str(),
-                delay.label(),
-                failed.retry_properties(original, delay.label(), delay.millis()),
-                Outcome::Retried,
-                Class::RetryRefused,
-            ),
-            Action::Park(reason) => (
-                "",
-                self.topology.parking.queue.as_str(),
-                failed.parked_properties(original, *reason),
-                Outcome::Parked(*reason),
-                Class::ParkRefused,
-            ),
-            Action::Defer => (
-                "",
-                self.topology.work_queue.name.as_str(),
-                failed.deferred_properties(original),
-                Outcome::Deferred,
-                Class::DeferRefused,
-            ),
-            Action::DeferFor(delay) => (
-                self.topology.retry.exchange.as_str(),
-                delay.label(),
-                failed
-                    .deferred_properties(original)
-                    .with_expiration(delay.millis().to_string().into()),
-                Outcome::Deferred,
-                Class::DeferRefused,
-            ),
+            Plan::Settle(outcome) => return Ok(outcome),
+            Plan::Publish(copy) => *copy,
         };
-        let span = trace::producer_span(exchange, routing_key, copy_name(outcome));
+        let span = trace::producer_span(copy.exchange, copy.routing_key, copy.name());
+        let Copy { exchange, routing_key, properties, outcome, refused } = copy;
         if let Outcome::Parked(reason) = outcome {
             span.record("payment.park_reason", reason.as_str());
         }
@@ -319,31 +274,7 @@ impl Handler {
         }
         match published {
             Ok(()) => {
-                match outcome {
-                    Outcome::Retried => {
-                        info!(
-                            outcome = "retried",
-                            tier = routing_key,
-                            error = %failed.error,
-                            "attempt failed, retry scheduled in the broker",
-                        )
-                    }
-                    Outcome::Parked(reason) => {
-                        warn!(
-                            outcome = "parked",
-                            reason = reason.as_str(),
-                            error = %failed.error,
-                            "message parked",
-                        )
-                    }
-                    _ => {
-                        debug!(
-                            outcome = "deferred",
-                            error = %failed.error,
-                            "Stripe is the problem: back to the work queue, no attempt spent",
-                        )
-                    }
-                }
+                log_confirmed(outcome, routing_key, failed.error);
                 Ok(outcome)
             }
             Err(e) if e.is_channel_failure() => Ok(Outcome::Abandoned),
@@ -426,12 +357,32 @@ impl Handler {
     }
 }
 
-/// What a replacement copy is, in a producer span.
-fn copy_name(outcome: Outcome) -> &'static str {
+/// Logs a replacement the broker confirmed.
+fn log_confirmed(outcome: Outcome, tier: &str, error: &str) {
     match outcome {
-        Outcome::Retried => "retry",
-        Outcome::Parked(_) => "parked",
-        _ => "deferred",
+        Outcome::Retried => {
+            info!(
+                outcome = "retried",
+                tier,
+                error = %error,
+                "attempt failed, retry scheduled in the broker",
+            )
+        }
+        Outcome::Parked(reason) => {
+            warn!(
+                outcome = "parked",
+                reason = reason.as_str(),
+                error = %error,
+                "message parked",
+            )
+        }
+        _ => {
+            debug!(
+                outcome = "deferred",
+                error = %error,
+                "Stripe is the problem: back to the work queue, no attempt spent",
+            )
+        }
     }
 }
 
@@ -465,5 +416,72 @@ pub fn event_properties(message_id: String, incoming: &BasicProperties) -> Basic
     match trace::continued(incoming) {
         Some(headers) => properties.with_headers(headers),
         None => properties,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::stripe::breaker::Spread;
+
+    fn api(status: u16, should_retry: Option<bool>, replayed: bool, kind: &str) -> StripeError {
+        StripeError::Api {
+            status,
+            should_retry,
+            retry_after: None,
+            replayed,
+            kind: Some(kind.into()),
+            code: None,
+            message: "scripted".into(),
+        }
+    }
+
+    fn class(error: StripeError, spread: Spread) -> Class {
+        call_failure(CallError::Stripe { error, spread }).class
+    }
+
+    #[test]
+    fn each_stripe_failure_has_its_class() {
+        use Spread::{Isolated, Widespread};
+        assert_eq!(call_failure(CallError::CircuitOpen).class, Class::CircuitOpen);
+        for spread in [Isolated, Widespread] {
+            let wide = Class::StripeWide(spread);
+            assert_eq!(class(StripeError::Transport("reset".into()), spread), wide);
+            assert_eq!(class(StripeError::Timeout(Duration::from_secs(10)), spread), wide);
+            assert_eq!(class(api(503, None, false, "api_error"), spread), wide);
+            assert_eq!(class(api(500, Some(true), false, "api_error"), spread), wide);
+        }
+        let park = |reason| Class::Permanent(reason);
+        assert_eq!(class(api(429, None, false, "rate_limit_error"), Isolated), Class::RateLimited);
+        // Stripe's saved answer under this key: it will not change, so it parks at once.
+        assert_eq!(
+            class(api(500, None, true, "api_error"), Widespread),
+            park(ParkReason::StripeReplayedError)
+        );
+        // A 409 (a concurrent request with the key) may pass; a 400 idempotency_error is a
+        // request that changed.
+        assert_eq!(
+            class(api(409, Some(true), false, "idempotency_error"), Isolated),
+            Class::Transient
+        );
+        assert_eq!(
+            class(api(400, None, false, "idempotency_error"), Isolated),
+            park(ParkReason::IdempotencyConflict)
+        );
+        assert_eq!(
+            class(StripeError::BadResponse("no id".into()), Isolated),
+            park(ParkReason::StripeBadResponse)
+        );
+        assert_eq!(
+            class(api(400, None, false, "invalid_request_error"), Isolated),
+            park(ParkReason::StripeRejected)
+        );
+        assert_eq!(
+            class(api(500, Some(false), false, "api_error"), Isolated),
+            park(ParkReason::StripeRejected),
+            "a 5xx Stripe says not to retry"
+        );
     }
 }

@@ -12,6 +12,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::broker::headers::{entry_len, int, long_string, string};
+use crate::broker::topology::Delay;
 
 /// Attempts made so far (failed ones); absent on a first delivery.
 pub const ATTEMPT: &str = "payment-attempt";
@@ -82,6 +83,28 @@ impl RetryState {
                 .and_then(|n| u64::try_from(n).ok()),
             deferrals: int(headers, DEFERRALS).and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
         }
+    }
+
+    /// The retry state of a delivery that came `via` an exchange and routing key, trusted only
+    /// when it came through the default exchange into the work queue: dead-lettered by a wait
+    /// queue, deferred by a worker, or replayed by an operator. A command from anywhere else
+    /// (the trip exchange) starts at attempt 1 whatever its headers say; the copies made of it
+    /// overwrite them.
+    pub fn arrived(via: (&str, &str), work_queue: &str, properties: &BasicProperties) -> Self {
+        let (exchange, routing_key) = via;
+        if exchange.is_empty() && routing_key == work_queue {
+            Self::from_properties(properties)
+        } else {
+            Self::default()
+        }
+    }
+
+    /// The tier a retry copy waited in and how long it spent in the broker, only for a tier
+    /// of `delays`: a forged header cannot grow the metric's label set.
+    pub fn retry_delay<'d>(&self, delays: &'d [Delay], now_ms: u64) -> Option<(&'d str, Duration)> {
+        let tier = self.retry_tier.as_deref()?;
+        let label = delays.iter().map(Delay::label).find(|label| *label == tier)?;
+        Some((label, self.time_in_broker(now_ms)?))
     }
 
     /// How long the retry copy spent in the broker, from its publish to now; `None` when the
@@ -298,6 +321,51 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_headers(pairs: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        for (name, value) in pairs {
+            headers.insert((*name).into(), value.clone());
+        }
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn retry_state_is_trusted_only_from_the_default_exchange_into_the_work_queue() {
+        let properties = with_headers(&[
+            (ATTEMPT, AMQPValue::LongLongInt(3)),
+            (RETRY_TIER, long_string("4s")),
+            (DEFERRALS, AMQPValue::LongLongInt(2)),
+        ]);
+        let work = "payment_trip_response";
+        let back = RetryState::arrived(("", work), work, &properties);
+        assert_eq!((back.attempts, back.deferrals), (3, 2), "a wait queue, a deferral, a replay");
+        assert_eq!(back.retry_tier.as_deref(), Some("4s"));
+        for via in [("trip", "payment.cmd.create_session"), ("", "another_queue"), ("trip", work)] {
+            assert_eq!(
+                RetryState::arrived(via, work, &properties),
+                RetryState::default(),
+                "{via:?}: a publisher's headers start nothing"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_topologys_tiers_become_retry_delay_labels() {
+        let delays = crate::broker::topology::Topology::load(None).unwrap().retry.delays;
+        let waited = |tier: &str| RetryState {
+            retry_tier: Some(tier.into()),
+            retry_published_at: Some(10_000),
+            ..RetryState::default()
+        };
+        assert_eq!(
+            waited("2s").retry_delay(&delays, 12_100),
+            Some(("2s", Duration::from_millis(2_100)))
+        );
+        assert_eq!(waited("forged-tier").retry_delay(&delays, 12_100), None);
+        assert_eq!(RetryState::default().retry_delay(&delays, 12_100), None, "no tier");
+        assert_eq!(waited("1s").retry_delay(&delays, 10_000 + 2 * 86_400_000), None, "too old");
+    }
 
     fn original() -> BasicProperties {
         let mut headers = FieldTable::default();

@@ -4,9 +4,11 @@
 //! - [`copies`]: the retry headers, the retry state read from them, and the copies that
 //!   replace a message (retry, deferred, parked).
 //! - [`decision`]: what happens to a delivery, as one pure function of what went wrong.
+//! - [`plan`]: where the replacement a decision calls for goes, and what it carries.
 //! - [`outcome`]: how a delivery ended ([`outcome::Outcome`]) and why one was parked
 //!   ([`outcome::ParkReason`]).
 
 pub mod copies;
 pub mod decision;
 pub mod outcome;
+pub mod plan;
