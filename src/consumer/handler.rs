@@ -68,47 +68,13 @@ impl Handler {
         );
         let attempt = state.attempts.saturating_add(1);
         self.observe_retry_delay(&state, started_ms);
-        let origin = Origin {
-            exchange: state
-                .original_exchange
-                .clone()
-                .unwrap_or_else(|| delivery.exchange.to_string()),
-            routing_key: state
-                .original_routing_key
-                .clone()
-                .unwrap_or_else(|| delivery.routing_key.to_string()),
-        };
+        let origin = state.origin((delivery.exchange.as_str(), delivery.routing_key.as_str()));
         let command = CreateSession::decode(&delivery.data);
         let trip_id = match &command {
             Ok(command) => command.trip_id.clone(),
             Err(_) => CreateSession::trip_id_hint(&delivery.data).unwrap_or_default(),
         };
-        let queue = &self.topology.work_queue.name;
-        let span = info_span!(
-            "command",
-            otel.name = %format_args!("process {queue}"),
-            otel.kind = "consumer",
-            otel.status_code = Empty,
-            otel.status_description = Empty,
-            messaging.system = "rabbitmq",
-            messaging.operation.type = "process",
-            messaging.destination.name = %queue,
-            messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
-            messaging.message.id = Empty,
-            payment.attempt = attempt,
-            payment.outcome = Empty,
-            payment.park_reason = Empty,
-            trip.id = %trip_id,
-            trip_id = %trip_id,
-            attempt,
-            delivery_tag = delivery.delivery_tag,
-            trace_id = Empty,
-            span_id = Empty,
-        );
-        if let Some(id) = delivery.properties.message_id() {
-            span.record("messaging.message.id", id.as_str());
-        }
-        trace::continue_from(&span, &delivery.properties);
+        let span = self.consumer_span(&delivery, &trip_id, attempt);
 
         let outcome_span = span.clone();
         async {
@@ -135,19 +101,55 @@ impl Handler {
             if refused_event {
                 self.event_refused.cancel();
             }
-            self.metrics.record_outcome(outcome, attempt, self.topology.max_attempts());
-            self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
-            if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
-                let first_seen = state.first_seen_at.unwrap_or(started_ms);
-                let total = Duration::from_millis(copies::now_ms().saturating_sub(first_seen));
-                self.metrics
-                    .command_duration
-                    .with_label_values(&[outcome.as_str()])
-                    .observe(total.as_secs_f64());
-            }
+            self.record(outcome, attempt, started, state.first_seen_at.unwrap_or(started_ms));
         }
         .instrument(span)
         .await;
+    }
+
+    /// The consumer span of one delivery, continuing the trace the command carries.
+    fn consumer_span(&self, delivery: &Delivery, trip_id: &str, attempt: u32) -> Span {
+        let queue = &self.topology.work_queue.name;
+        let span = info_span!(
+            "command",
+            otel.name = %format_args!("process {queue}"),
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = %queue,
+            messaging.rabbitmq.destination.routing_key = %delivery.routing_key,
+            messaging.message.id = Empty,
+            payment.attempt = attempt,
+            payment.outcome = Empty,
+            payment.park_reason = Empty,
+            trip.id = %trip_id,
+            trip_id = %trip_id,
+            attempt,
+            delivery_tag = delivery.delivery_tag,
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        if let Some(id) = delivery.properties.message_id() {
+            span.record("messaging.message.id", id.as_str());
+        }
+        trace::continue_from(&span, &delivery.properties);
+        span
+    }
+
+    /// Counts how the delivery ended; for a payment done for good, the time since it first
+    /// arrived (`first_seen_ms`).
+    fn record(&self, outcome: Outcome, attempt: u32, started: Instant, first_seen_ms: u64) {
+        self.metrics.record_outcome(outcome, attempt, self.topology.max_attempts());
+        self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
+        if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
+            let total = Duration::from_millis(copies::now_ms().saturating_sub(first_seen_ms));
+            self.metrics
+                .command_duration
+                .with_label_values(&[outcome.as_str()])
+                .observe(total.as_secs_f64());
+        }
     }
 
     /// How long a retry copy really waited in the broker, for the tiers the topology has.

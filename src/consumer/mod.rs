@@ -27,7 +27,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::connect::{BrokerAccess, Pool};
+use crate::broker::connect::{BrokerAccess, Pool, PoolError};
+use crate::error_chain;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -93,7 +94,38 @@ pub enum WorkerError {
     #[error(transparent)]
     Topology(TopologyError),
     #[error("gave up after {attempts} failed broker sessions in a row; last: {last}")]
-    ReconnectBudgetSpent { attempts: usize, last: String },
+    ReconnectBudgetSpent { attempts: usize, last: SessionError },
+}
+
+/// Why a broker session ended without being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// No node gave a connection.
+    #[error("connecting: {}", error_chain(.0))]
+    Connect(PoolError),
+    /// Declaring the topology failed in a way a new session may not see again.
+    #[error(transparent)]
+    Declare(TopologyError),
+    /// A broker operation of the session failed: `doing` says which.
+    #[error("{doing}: {source}")]
+    Broker { doing: String, source: lapin::Error },
+    /// A publish found its channel broken.
+    #[error("a channel failed while publishing")]
+    PublishChannel,
+    /// The broker nacked a result event: the session starts over on a new channel.
+    #[error("the broker refused an event; starting over on a new channel")]
+    EventRefused,
+    /// The broker cancelled the consumer (the work queue was deleted, or the node is going
+    /// down).
+    #[error("the broker cancelled the consumer on {queue}")]
+    ConsumerCancelled { queue: String },
+}
+
+impl SessionError {
+    fn broker(doing: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
+        let doing = doing.into();
+        move |source| Self::Broker { doing, source }
+    }
 }
 
 /// How one broker connection ended.
@@ -103,7 +135,7 @@ enum ConnectionEnd {
     /// The connection failed; `consumed` tells whether it had got as far as consuming, and
     /// `answered` whether the broker answered at all (else a cheap probe may find it back
     /// before the backoff delay ends).
-    Lost { consumed: bool, answered: bool, cause: String },
+    Lost { consumed: bool, answered: bool, cause: SessionError },
     /// The broker refused the topology in a way retrying cannot fix.
     Fatal(TopologyError),
 }

@@ -18,12 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::broker::publish::Publisher;
-use crate::error_chain;
 use crate::stripe::breaker::State;
 
 use super::handler::Handler;
 use super::intake::{Intake, circuit_changed, sleep_until};
-use super::{BROKER_REPLY_ON_STOP, ConnectionEnd, REQUEUE_PAUSE, Worker};
+use super::{BROKER_REPLY_ON_STOP, ConnectionEnd, REQUEUE_PAUSE, SessionError, Worker};
 
 /// What a broker connection holds once it is set up.
 struct Opened {
@@ -44,8 +43,11 @@ impl Worker {
                     PoolError::Backend(e) => e.answered,
                     _ => true,
                 };
-                let cause = format!("connecting: {}", error_chain(&e));
-                return ConnectionEnd::Lost { consumed: false, answered, cause };
+                return ConnectionEnd::Lost {
+                    consumed: false,
+                    answered,
+                    cause: SessionError::Connect(e),
+                };
             }
         };
         let opened = match self.open(&connection).await {
@@ -55,37 +57,57 @@ impl Worker {
                 return end;
             }
         };
+        self.announce(connection.node());
+
+        let connection_failed = CancellationToken::new();
+        let mut tasks = self.tasks(opened.publisher, &connection_failed);
+        let mut intake = Intake::Consuming(opened.consumer);
+        let cause = self
+            .consume(&opened.channel, &mut intake, &mut tasks, shutdown, &connection_failed)
+            .await;
+        self.finish(cause, intake, tasks, &opened.channel, &connection).await
+    }
+
+    /// Says the session is consuming: a log line, readiness, the connected gauge.
+    fn announce(&self, node: &str) {
         info!(
             queue = %self.topology.work_queue.name,
-            node = %connection.node(),
+            node = %node,
             prefetch = self.settings.prefetch,
             profile = %self.topology.profile,
             "consuming",
         );
-        self.readiness.set_ready(format!(
-            "consuming {} on {}",
-            self.topology.work_queue.name,
-            connection.node()
-        ));
+        self.readiness
+            .set_ready(format!("consuming {} on {}", self.topology.work_queue.name, node));
         self.metrics.broker_connected.set(1);
+    }
 
-        let connection_failed = CancellationToken::new();
+    /// The delivery tasks of a session publishing with `publisher`.
+    fn tasks(&self, publisher: Publisher, connection_failed: &CancellationToken) -> Tasks {
         let handler = Arc::new(Handler {
             topology: self.topology.clone(),
             gateway: self.gateway.clone(),
             metrics: self.metrics.clone(),
             urls: self.settings.urls.clone(),
             wait_budget: self.settings.wait_budget,
-            publisher: opened.publisher,
+            publisher,
             connection_failed: connection_failed.clone(),
             event_refused: CancellationToken::new(),
         });
-        let mut tasks = Tasks { handler, set: JoinSet::new(), in_flight: HashMap::new() };
-        let mut intake = Intake::Consuming(opened.consumer);
-        let cause = self
-            .consume(&opened.channel, &mut intake, &mut tasks, shutdown, &connection_failed)
-            .await;
+        Tasks { handler, set: JoinSet::new(), in_flight: HashMap::new() }
+    }
 
+    /// Ends the session: on a stop (`cause` is `None`), takes what the broker had sent,
+    /// drains and closes; on a failure, aborts the tasks and closes, which hands every unacked
+    /// delivery back to the broker.
+    async fn finish(
+        &self,
+        cause: Option<SessionError>,
+        intake: Intake,
+        mut tasks: Tasks,
+        channel: &Channel,
+        connection: &Connection,
+    ) -> ConnectionEnd {
         if let Intake::Paused { since } = intake {
             self.metrics.intake_paused_seconds.inc_by(since.elapsed().as_secs_f64());
         }
@@ -95,16 +117,16 @@ impl Worker {
         });
         match cause {
             None => {
-                take_what_was_sent(&opened.channel, intake, &mut tasks).await;
+                take_what_was_sent(channel, intake, &mut tasks).await;
                 self.drain(&mut tasks).await;
-                close(&connection).await;
+                close(connection).await;
                 ConnectionEnd::Stopped
             }
             Some(cause) => {
                 self.metrics.channel_errors.inc();
                 tasks.set.abort_all();
                 // Closing the connection hands every unacked delivery back to the broker.
-                close(&connection).await;
+                close(connection).await;
                 ConnectionEnd::Lost { consumed: true, answered: false, cause }
             }
         }
@@ -112,14 +134,15 @@ impl Worker {
 
     /// Declares the topology and opens the publish and consume channels and the consumer.
     async fn open(&self, connection: &Connection) -> Result<Opened, ConnectionEnd> {
-        let lost = |cause: String| ConnectionEnd::Lost { consumed: false, answered: true, cause };
+        let lost = |cause| ConnectionEnd::Lost { consumed: false, answered: true, cause };
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| lost(format!("opening a channel: {e}")))?;
+            .map_err(SessionError::broker("opening a channel"))
+            .map_err(lost)?;
         if let Err(e) = self.topology.declare(&channel).await {
             return Err(if e.is_transient() {
-                lost(e.to_string())
+                lost(SessionError::Declare(e))
             } else {
                 ConnectionEnd::Fatal(e)
             });
@@ -127,15 +150,18 @@ impl Worker {
         let _ = channel.close(200, "topology declared".into()).await;
         let publisher = Publisher::open(connection)
             .await
-            .map_err(|e| lost(format!("opening the publish channel: {e}")))?;
+            .map_err(SessionError::broker("opening the publish channel"))
+            .map_err(lost)?;
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| lost(format!("opening the consume channel: {e}")))?;
+            .map_err(SessionError::broker("opening the consume channel"))
+            .map_err(lost)?;
         channel
             .basic_qos(self.settings.prefetch, BasicQosOptions::default())
             .await
-            .map_err(|e| lost(format!("basic.qos: {e}")))?;
+            .map_err(SessionError::broker("basic.qos"))
+            .map_err(lost)?;
         let consumer = self.start_consumer(&channel).await.map_err(lost)?;
         Ok(Opened { publisher, channel, consumer })
     }
@@ -149,7 +175,7 @@ impl Worker {
         tasks: &mut Tasks,
         shutdown: &CancellationToken,
         connection_failed: &CancellationToken,
-    ) -> Option<String> {
+    ) -> Option<SessionError> {
         let mut circuit = self.gateway.circuit();
         let event_refused = tasks.handler.event_refused.clone();
         // The task handling the message fetched to probe Stripe, while it runs.
@@ -163,10 +189,10 @@ impl Worker {
                 biased;
                 () = shutdown.cancelled() => return None,
                 () = connection_failed.cancelled() => {
-                    return Some("a channel failed while publishing".to_owned());
+                    return Some(SessionError::PublishChannel);
                 }
                 () = event_refused.cancelled() => {
-                    return Some("the broker refused an event; starting over on a new channel".to_owned());
+                    return Some(SessionError::EventRefused);
                 }
                 Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
                     if probe == Some(id) {
@@ -182,7 +208,7 @@ impl Worker {
                     Some(Ok(delivery)) => {
                         tasks.spawn(delivery);
                     }
-                    Some(Err(e)) => return Some(format!("consumer: {e}")),
+                    Some(Err(e)) => return Some(SessionError::broker("consumer")(e)),
                     None if matches!(intake, Intake::Draining(_)) => {
                         *intake = Intake::Paused { since: Instant::now() };
                         let state = circuit.as_ref().map(|c| *c.borrow());
@@ -191,8 +217,8 @@ impl Worker {
                         }
                     }
                     None => {
-                        let queue = &self.topology.work_queue.name;
-                        return Some(format!("the broker cancelled the consumer on {queue}"));
+                        let queue = self.topology.work_queue.name.clone();
+                        return Some(SessionError::ConsumerCancelled { queue });
                     }
                 },
                 () = sleep_until(probe_at), if probe_at.is_some() => {
@@ -211,13 +237,13 @@ impl Worker {
     }
 
     /// One message from the work queue to probe Stripe with, if any waits.
-    async fn fetch_probe(&self, channel: &Channel) -> Result<Option<Delivery>, String> {
+    async fn fetch_probe(&self, channel: &Channel) -> Result<Option<Delivery>, SessionError> {
         let queue = &self.topology.work_queue.name;
         channel
             .basic_get(queue.as_str().into(), BasicGetOptions::default())
             .await
             .map(|message| message.map(|m| m.delivery))
-            .map_err(|e| format!("basic.get on {queue}: {e}"))
+            .map_err(SessionError::broker(format!("basic.get on {queue}")))
     }
 
     /// Waits for the in-flight deliveries, at most `SHUTDOWN_GRACE`; what is left is aborted
@@ -242,7 +268,7 @@ impl Worker {
     }
 
     /// Starts a consumer on the work queue.
-    async fn start_consumer(&self, channel: &Channel) -> Result<Consumer, String> {
+    async fn start_consumer(&self, channel: &Channel) -> Result<Consumer, SessionError> {
         channel
             .basic_consume(
                 self.topology.work_queue.name.as_str().into(),
@@ -251,7 +277,7 @@ impl Worker {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| format!("consuming {}: {e}", self.topology.work_queue.name))
+            .map_err(SessionError::broker(format!("consuming {}", self.topology.work_queue.name)))
     }
 
     /// Follows the circuit: cancels the consumer when it opens (payments then wait in the
@@ -261,14 +287,14 @@ impl Worker {
         channel: &Channel,
         intake: &mut Intake,
         circuit: Option<State>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SessionError> {
         match (circuit, &*intake) {
             (Some(State::Open { .. }), Intake::Consuming(consumer)) => {
                 let consumer = consumer.clone();
                 channel
                     .basic_cancel(consumer.tag(), BasicCancelOptions::default())
                     .await
-                    .map_err(|e| format!("basic.cancel: {e}"))?;
+                    .map_err(SessionError::broker("basic.cancel"))?;
                 *intake = Intake::Draining(consumer);
             }
             (Some(State::Closed), Intake::Paused { .. }) => {

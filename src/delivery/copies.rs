@@ -99,6 +99,19 @@ impl RetryState {
         }
     }
 
+    /// Where the command first came from: as recorded on its copies, else `via` (the
+    /// exchange and routing key it came with now).
+    pub fn origin(&self, via: (&str, &str)) -> Origin {
+        let (exchange, routing_key) = via;
+        Origin {
+            exchange: self.original_exchange.clone().unwrap_or_else(|| exchange.to_owned()),
+            routing_key: self
+                .original_routing_key
+                .clone()
+                .unwrap_or_else(|| routing_key.to_owned()),
+        }
+    }
+
     /// The tier a retry copy waited in and how long it spent in the broker, only for a tier
     /// of `delays`: a forged header cannot grow the metric's label set.
     pub fn retry_delay<'d>(&self, delays: &'d [Delay], now_ms: u64) -> Option<(&'d str, Duration)> {
