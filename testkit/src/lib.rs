@@ -17,6 +17,8 @@
 //! - [`tls::TestPki`]: a CA, server and client certificates made for one test run.
 //! - [`names`]: the default profile's queue names.
 //! - [`stats`]: sizes from the environment and percentiles, for the long runs.
+//! - [`world::World`]: a test's vhost, broker client and Stripe stand-in, with workers started
+//!   on them in this process or as the binary; the worker tests and the node tests share it.
 
 pub mod amqp;
 pub mod cli;
@@ -31,6 +33,7 @@ pub mod stats;
 pub mod stripe;
 pub mod tls;
 pub mod vhost;
+pub mod world;
 
 /// A plain HTTP/1.0 GET on loopback: `(status, body)`, or `None` when nothing answers.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {

@@ -9,7 +9,7 @@ use testkit::amqp::{Client, Received, command, inner};
 use testkit::cluster::RabbitCluster;
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{
+use testkit::world::{
     EVENTS, PARKED, RunningWorker, WAIT_QUEUES, WORK, World, repo_path, wait_ready,
 };
 

@@ -8,7 +8,7 @@ use testkit::node::RabbitNode;
 use testkit::tls::TestPki;
 use testkit::{eventually, http_get};
 
-use crate::helpers::{EVENTS, World, wait_ready};
+use testkit::world::{EVENTS, World, wait_ready};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn amqps_with_a_private_ca_and_a_client_certificate() {

@@ -7,7 +7,7 @@ use testkit::amqp::command;
 use testkit::http_get;
 use testkit::stripe::SECRET_KEY;
 
-use crate::helpers::{EVENTS, PARKED, World, metric, wait_ready};
+use testkit::world::{EVENTS, PARKED, World, metric, wait_ready};
 
 #[tokio::test]
 async fn a_node_that_refuses_or_hangs_is_passed_over_at_once() {

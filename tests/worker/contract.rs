@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use testkit::amqp::{command, inner};
 
-use crate::helpers::{EVENTS, World};
+use testkit::world::{EVENTS, World};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -75,7 +75,7 @@ async fn a_command_becomes_a_session_and_a_contract_exact_event() {
     assert_ne!(traceparent, TRACEPARENT, "a new span id");
     assert_eq!(event.header_string("tracestate").as_deref(), Some("vendor=1"));
 
-    assert_eq!(world.client.depth(crate::helpers::WORK).await, 0);
+    assert_eq!(world.client.depth(testkit::world::WORK).await, 0);
     worker.stop().await.unwrap();
 }
 
@@ -127,7 +127,7 @@ async fn a_redelivered_command_gets_the_same_session_back() {
 async fn mock_mode_makes_deterministic_sessions_without_stripe() {
     let world = World::new("mock").await;
     let worker = world.spawn_with(world.mock_args(&[])).await;
-    crate::helpers::wait_ready(worker.http).await;
+    testkit::world::wait_ready(worker.http).await;
 
     world.client.send_command(&command("trip-mock", "u", 100.0, "USD")).await;
     let events = world.client.take(EVENTS, 1, Duration::from_secs(10)).await;

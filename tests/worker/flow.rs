@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use testkit::amqp::{Client, Received, command, inner};
 use testkit::stripe::{Behaviour, Outage};
 
-use crate::helpers::{EVENTS, PARKED, World, metric, metric_sum, spawn_binary};
+use crate::spawn_binary;
+use testkit::world::{EVENTS, PARKED, World, metric, metric_sum};
 
 fn trip_of(message: &Received) -> String {
     inner(&message.body)["tripID"].as_str().unwrap().to_owned()

@@ -14,7 +14,7 @@ use serde_json::Value;
 use testkit::gopeer::{self, GoCommand};
 use testkit::stats::env_usize;
 
-use crate::helpers::{EVENTS, PARKED, World};
+use testkit::world::{EVENTS, PARKED, World};
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use testkit::amqp::envelope;
 
-use crate::helpers::{EVENTS, PARKED, WORK, World};
+use testkit::world::{EVENTS, PARKED, WORK, World};
 
 #[tokio::test]
 async fn invalid_commands_are_parked_at_once_without_calling_stripe() {

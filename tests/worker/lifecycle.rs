@@ -5,7 +5,8 @@ use std::time::Duration;
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, WORK, World, spawn_binary};
+use crate::spawn_binary;
+use testkit::world::{EVENTS, WORK, World};
 
 #[tokio::test]
 async fn a_graceful_stop_finishes_in_flight_work_and_redelivers_nothing() {

@@ -5,7 +5,6 @@ mod config;
 mod contract;
 mod flow;
 mod go_peer;
-mod helpers;
 mod invalid;
 mod lifecycle;
 mod observability;
@@ -18,3 +17,9 @@ mod topology;
 mod traces;
 mod untrusted;
 mod webhook;
+
+/// The binary cargo built for these tests, started as a pod on `world` (see
+/// [`testkit::world::spawn_binary`]).
+async fn spawn_binary(world: &testkit::world::World, extra: &[&str]) -> testkit::pod::Pod {
+    testkit::world::spawn_binary(env!("CARGO_BIN_EXE_payment-worker"), world, extra).await
+}

@@ -9,7 +9,7 @@ use testkit::stripe::Behaviour;
 use testkit::{eventually, http_get, http_request};
 use tokio::io::AsyncWriteExt;
 
-use crate::helpers::{EVENTS, PARKED, World, repo_path};
+use testkit::world::{EVENTS, PARKED, World, repo_path};
 
 const WEBHOOK_SECRET: &str = "whsec_test_dashboard";
 

@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, PARKED, WORK, World, repo_path};
+use testkit::world::{EVENTS, PARKED, WORK, World, repo_path};
 
 /// Runs the binary against the world's vhost: `(exit code, stdout, stderr)`.
 async fn cli(world: &World, args: &[&str]) -> (i32, String, String) {

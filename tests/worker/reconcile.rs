@@ -10,7 +10,7 @@ use testkit::amqp::{Received, command};
 use testkit::http_request;
 use testkit::stripe::{Behaviour, SECRET_KEY};
 
-use crate::helpers::{EVENTS, RunningWorker, World, metric};
+use testkit::world::{EVENTS, RunningWorker, World, metric};
 
 const SECRET: &str = "whsec_test_reconcile";
 const SUCCESS: &str = "payment_success";

@@ -7,10 +7,10 @@ use testkit::proxy::FaultProxy;
 use testkit::stripe::Behaviour;
 use testkit::{eventually, http_get};
 
-use crate::helpers::{self, EVENTS, PARKED, RunningWorker, WAIT_QUEUES, WORK, World};
+use testkit::world::{EVENTS, PARKED, RunningWorker, WAIT_QUEUES, WORK, World};
 
 async fn metric(worker: &RunningWorker, name: &str) -> f64 {
-    helpers::metric(worker.http, name).await
+    testkit::world::metric(worker.http, name).await
 }
 
 async fn ready(worker: &RunningWorker) -> bool {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use testkit::amqp::{Received, command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, PARKED, World};
+use testkit::world::{EVENTS, PARKED, World};
 
 fn trip_of(message: &Received) -> String {
     inner(&message.body)["tripID"].as_str().unwrap().to_owned()

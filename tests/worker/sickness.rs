@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use testkit::amqp::{Client, Received, command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, PARKED, RunningWorker, World, metric};
+use testkit::world::{EVENTS, PARKED, RunningWorker, World, metric};
 
 fn trip_of(message: &Received) -> String {
     inner(&message.body)["tripID"].as_str().unwrap().to_owned()

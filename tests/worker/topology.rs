@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, PARKED, WORK, World, repo_path};
+use testkit::world::{EVENTS, PARKED, WORK, World, repo_path};
 
 /// Declares the work queue and exchanges exactly as the Go services do.
 async fn declare_like_go(world: &World) {

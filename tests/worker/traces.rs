@@ -9,7 +9,7 @@ use testkit::otlp::{Collector, Span, SpanKind, StatusCode, attribute, hex};
 use testkit::pod::Pod;
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, World, metric};
+use testkit::world::{EVENTS, World, metric};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";

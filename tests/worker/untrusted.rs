@@ -7,7 +7,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use testkit::amqp::{command, inner};
 use testkit::stripe::Behaviour;
 
-use crate::helpers::{EVENTS, PARKED, WORK, World};
+use testkit::world::{EVENTS, PARKED, WORK, World};
 
 fn forged(attempt: i64, published_at: i64, via_default_exchange: bool) -> FieldTable {
     let mut headers = FieldTable::default();

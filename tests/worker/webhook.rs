@@ -7,7 +7,7 @@ use serde_json::json;
 use testkit::amqp::inner;
 use testkit::http_request;
 
-use crate::helpers::{RunningWorker, World};
+use testkit::world::{RunningWorker, World};
 
 const SECRET: &str = "whsec_test_current";
 const OLD_SECRET: &str = "whsec_test_previous";
@@ -411,7 +411,7 @@ async fn slow_or_many_clients_are_bounded_and_payments_go_on() {
     // The consumer never noticed, and the webhook answers again.
     world.client.send_command(&testkit::amqp::command("bounds-1", "u", 100.0, "USD")).await;
     assert_eq!(
-        world.client.take(crate::helpers::EVENTS, 1, Duration::from_secs(10)).await.len(),
+        world.client.take(testkit::world::EVENTS, 1, Duration::from_secs(10)).await.len(),
         1
     );
     let served = testkit::eventually(Duration::from_secs(5), || async {
@@ -421,9 +421,9 @@ async fn slow_or_many_clients_are_bounded_and_payments_go_on() {
     .await;
     assert!(served.is_some(), "the webhook serves again once the slow clients are gone");
     let refused =
-        crate::helpers::metric(worker.http, "payment_worker_http_connections_refused_total").await;
+        testkit::world::metric(worker.http, "payment_worker_http_connections_refused_total").await;
     assert!(refused >= 1.0, "{refused}");
-    let busy_metric = crate::helpers::metric_sum(
+    let busy_metric = testkit::world::metric_sum(
         worker.http,
         "payment_worker_webhook_requests_total",
         "result=\"busy\"",

@@ -5,19 +5,19 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::amqp::Client;
+use crate::http_get;
+use crate::pod::{Pod, ready_within};
+use crate::stripe::{SECRET_KEY, StripeStandin};
+use crate::vhost::Vhost;
 use clap::Parser;
 use payment_worker::app::App;
 use payment_worker::cli::{Cli, Command};
 use payment_worker::consumer::WorkerError;
-use testkit::amqp::Client;
-use testkit::http_get;
-use testkit::pod::{Pod, ready_within};
-use testkit::stripe::{SECRET_KEY, StripeStandin};
-use testkit::vhost::Vhost;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use testkit::names::{EVENTS, PARKED, WAIT_QUEUES, WORK};
+pub use crate::names::{EVENTS, PARKED, WAIT_QUEUES, WORK};
 
 pub struct World {
     pub stripe: StripeStandin,
@@ -49,8 +49,9 @@ impl RunningWorker {
     }
 }
 
+/// A path in the repository (testkit's parent directory).
 pub fn repo_path(relative: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
 }
 
 impl World {
@@ -109,14 +110,15 @@ impl World {
     }
 }
 
-/// Starts the real binary as a "pod" on this world and waits until it is ready.
-pub async fn spawn_binary(world: &World, extra: &[&str]) -> Pod {
-    let http = testkit::free_loopback_addr();
+/// Starts the real binary (`binary`: its path, `CARGO_BIN_EXE_payment-worker` where cargo
+/// builds it) as a "pod" on this world and waits until it is ready.
+pub async fn spawn_binary(binary: &str, world: &World, extra: &[&str]) -> Pod {
+    let http = crate::free_loopback_addr();
     let http_arg = http.to_string();
     let mut flags = vec!["--http-addr", http_arg.as_str()];
     flags.extend_from_slice(extra);
     let args = world.args(&flags);
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"));
+    let mut command = tokio::process::Command::new(binary);
     command.args(&args[1..]).env("LOG_FORMAT", "text").stdout(Stdio::null()).stderr(Stdio::null());
     Pod::start(command, http, READY_WITHIN).await
 }
