@@ -12,13 +12,13 @@ use tracing::{debug, info, warn};
 
 use crate::broker::connect::Pool;
 use crate::broker::topology::{QueueType, Topology};
-use crate::cli::GlobalArgs;
-use crate::config::{ConfigError, RunArgs};
 use crate::consumer::{Worker, WorkerError, WorkerSettings};
 use crate::health::Readiness;
 use crate::http::{HttpLimits, HttpState, router, serve};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::settings::broker::GlobalArgs;
+use crate::settings::{ConfigError, RunArgs};
 use crate::stripe::flow::FlowControl;
 use crate::stripe::{Gateway, StripeApi, key_livemode};
 use crate::webhook::{Webhook, WebhookSettings};

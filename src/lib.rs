@@ -3,8 +3,9 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the command line and the settings every subcommand shares.
-//! - [`config`]: the worker's settings (`payment-worker run`), from flags and environment.
+//! - [`cli`]: the command line: the subcommands and their arguments.
+//! - [`settings`]: the worker's settings (`payment-worker run`), from flags and environment;
+//!   [`settings::broker`]: those every subcommand shares (the broker, TLS, the log format).
 //! - [`app`]: wiring; builds a [`consumer::Worker`] and the HTTP server from configuration.
 //! - [`consumer`]: the reconnecting consumer loop, one broker session at a time, the intake
 //!   that follows the Stripe circuit, and the handler of one delivery.
@@ -32,7 +33,6 @@
 pub mod app;
 pub mod broker;
 pub mod cli;
-pub mod config;
 pub mod consumer;
 pub mod contract;
 pub mod delivery;
@@ -46,6 +46,7 @@ pub mod money;
 pub mod ops;
 pub mod outbox;
 pub mod reconcile;
+pub mod settings;
 pub mod stripe;
 pub mod telemetry;
 pub mod trace;

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use payment_worker::app::App;
-use payment_worker::cli::{Cli, Command, GlobalArgs};
-use payment_worker::config::RunArgs;
+use payment_worker::cli::{Cli, Command};
+use payment_worker::settings::RunArgs;
+use payment_worker::settings::broker::GlobalArgs;
 use payment_worker::telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};

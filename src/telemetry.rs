@@ -46,8 +46,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
-use crate::cli::LogFormat;
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
+use crate::settings::broker::LogFormat;
 
 /// The service name when `OTEL_SERVICE_NAME` does not give one.
 pub const SERVICE_NAME: &str = "payment-worker";

@@ -21,8 +21,8 @@ use serde::Serialize;
 use crate::broker::connect::BrokerConnection;
 use crate::broker::publish::PublishError;
 use crate::broker::topology::TopologyError;
-use crate::cli::GlobalArgs;
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
+use crate::settings::broker::GlobalArgs;
 
 /// Why an operator command failed.
 #[derive(Debug, thiserror::Error)]

@@ -12,9 +12,9 @@ use super::{OpsError, bounded, channel, close, connect, print_json, within};
 use crate::broker::headers;
 use crate::broker::publish::Publisher;
 use crate::broker::topology::{QueueType, Topology};
-use crate::cli::GlobalArgs;
 use crate::contract::{CreateSession, Envelope};
 use crate::delivery::copies::{self, RetryState};
+use crate::settings::broker::GlobalArgs;
 
 #[derive(Subcommand)]
 pub enum ParkedCommand {

@@ -8,8 +8,8 @@ use serde::Serialize;
 
 use super::{OpsError, bounded, close, connect, print_json, within};
 use crate::broker::publish::{Publisher, persistent_json};
-use crate::cli::GlobalArgs;
 use crate::contract::Envelope;
+use crate::settings::broker::GlobalArgs;
 
 #[derive(Args, Clone)]
 pub struct SendArgs {

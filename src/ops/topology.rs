@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{OpsError, channel, close, connect, describe, print_json, within};
 use crate::broker::topology::Topology;
-use crate::cli::GlobalArgs;
+use crate::settings::broker::GlobalArgs;
 
 #[derive(Subcommand)]
 pub enum TopologyCommand {

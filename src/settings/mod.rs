@@ -1,6 +1,8 @@
 //! The run settings: every setting has a flag and an environment variable, and a default
 //! wherever one is safe. Bad values stop the program at start with the setting's name.
 
+pub mod broker;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,9 +11,9 @@ use clap::Args;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::broker::topology::MAX_RETRY_SCHEDULE;
-use crate::cli::secret_setting;
 use crate::consumer::ReconnectPolicy;
 use crate::http::HttpLimits;
+use crate::settings::broker::secret_setting;
 use crate::stripe::breaker::BreakerSettings;
 use crate::stripe::pacer::PacerSettings;
 use crate::stripe::{CheckoutUrls, STRIPE_API};
