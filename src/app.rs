@@ -11,16 +11,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::broker::connect::Pool;
+use crate::broker::publish::PublishError;
 use crate::broker::topology::{QueueType, Topology};
 use crate::consumer::{Worker, WorkerError, WorkerSettings};
 use crate::health::Readiness;
 use crate::http::{HttpLimits, HttpState, router, serve};
 use crate::ledger::Ledger;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Program};
 use crate::settings::broker::GlobalArgs;
 use crate::settings::{ConfigError, RunArgs};
 use crate::stripe::flow::FlowControl;
 use crate::stripe::{Gateway, StripeApi, key_livemode};
+use crate::telemetry::{EXPORT_FAILURES, SPANS_DROPPED};
 use crate::webhook::{Webhook, WebhookSettings};
 use secrecy::ExposeSecret;
 
@@ -58,7 +60,11 @@ impl App {
     pub async fn build(global: &GlobalArgs, args: &RunArgs) -> Result<Self, StartError> {
         let broker = global.broker()?;
         let topology = Arc::new(global.load_topology()?);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(&Program {
+            stripe_api_version: &crate::stripe::api_version(),
+            counters: &[EXPORT_FAILURES.clone(), SPANS_DROPPED.clone()],
+            publish_failure_kinds: &PublishError::KINDS,
+        }));
         let breaker = args.breaker_settings()?;
         let pacer = args.pacer_settings()?;
         let secret_key = args.stripe_secret_key()?;

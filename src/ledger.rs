@@ -31,6 +31,7 @@ use tracing::debug;
 use crate::broker::headers::{long_string, string};
 use crate::broker::publish::{PublishError, Publisher, consumer, persistent_json};
 use crate::metrics::Metrics;
+use crate::stripe::EVENT_TYPES;
 
 /// The header of a sync marker: its token.
 pub const MARKER: &str = "payment-worker-ledger-marker";
@@ -187,7 +188,9 @@ impl Ledger {
             if let (Some(metrics), Ok(summary)) =
                 (&self.metrics, serde_json::from_slice::<Reconciled>(body))
             {
-                metrics.record_reconciled(&summary);
+                let found =
+                    EVENT_TYPES.map(|kind| (kind, summary.events.get(kind).copied().unwrap_or(0)));
+                metrics.record_reconciled(summary.finished_at as f64, &found, summary.published);
             }
         } else if let Some(id) = properties.message_id() {
             self.insert(id.as_str());
@@ -217,7 +220,7 @@ mod tests {
 
     #[test]
     fn the_tail_tells_events_markers_and_summaries_apart() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(&crate::metrics::Program::default()));
         let ledger = Ledger::new("ledger", Some(metrics.clone()));
         ledger.note(&BasicProperties::default().with_message_id("evt_1".into()), b"{}");
         ledger.note(&BasicProperties::default(), b"{}");

@@ -9,10 +9,6 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::broker::publish::PublishError;
-use crate::delivery::outcome::Outcome;
-use crate::stripe::breaker::State;
-
 /// The worker's metrics and the registry that serves them.
 pub struct Metrics {
     registry: Registry,
@@ -58,11 +54,24 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
+/// What the metrics say about the program itself, given by whoever builds them, so that the
+/// metrics import no consumer, broker or Stripe client types.
+#[derive(Debug, Default)]
+pub struct Program<'a> {
+    /// The `stripe_api_version` label of `payment_worker_build_info`.
+    pub stripe_api_version: &'a str,
+    /// Counters kept elsewhere (the trace exporter's, built before any `Metrics`), served here
+    /// too.
+    pub counters: &'a [IntCounter],
+    /// Every kind of publish failure, shown at zero from the start.
+    pub publish_failure_kinds: &'a [&'a str],
+}
+
 impl Metrics {
     /// # Panics
     /// Never in practice: the definitions below are valid and each is registered once, where
     /// it is built.
-    pub fn new() -> Self {
+    pub fn new(program: &Program<'_>) -> Self {
         let registry = Registry::new();
         let seconds = |start: f64, factor: f64, count: usize| {
             prometheus::exponential_buckets(start, factor, count).expect("valid buckets")
@@ -252,18 +261,18 @@ impl Metrics {
         )
         .register_in(&metrics.registry);
         build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), &crate::stripe::api_version()])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), program.stripe_api_version])
             .set(1);
-        // Every kind at zero from the start, so rate() and dashboards see the series before
-        // the first failure.
         // The exporter's counters live with the exporter, which is built before any Metrics.
-        for counter in [&*crate::telemetry::EXPORT_FAILURES, &*crate::telemetry::SPANS_DROPPED] {
+        for counter in program.counters {
             metrics
                 .registry
                 .register(Box::new(counter.clone()))
                 .expect("each metric is registered once per registry");
         }
-        for kind in PublishError::KINDS {
+        // Every kind at zero from the start, so rate() and dashboards see the series before
+        // the first failure.
+        for kind in program.publish_failure_kinds {
             metrics.publish_failures.with_label_values(&[kind]).reset();
         }
         for result in ["published", "duplicate"] {
@@ -272,36 +281,32 @@ impl Metrics {
         metrics
     }
 
-    /// Shows what the last reconciliation run found. Only the event types a run lists are
-    /// labels, so a summary cannot grow the label set.
-    pub fn record_reconciled(&self, summary: &crate::ledger::Reconciled) {
-        self.reconcile_last_success.set(summary.finished_at as f64);
-        for kind in crate::reconcile::EVENT_TYPES {
-            let found = summary.events.get(kind).copied().unwrap_or(0);
-            self.reconcile_events.with_label_values(&[kind]).set(found as i64);
+    /// Shows what the last reconciliation run found: when it finished (Unix seconds), the
+    /// events of each type (the caller names the types, a bounded set), what it published.
+    pub fn record_reconciled(&self, finished_at: f64, found: &[(&str, u64)], published: u64) {
+        self.reconcile_last_success.set(finished_at);
+        for (kind, count) in found {
+            self.reconcile_events.with_label_values(&[kind]).set(*count as i64);
         }
-        self.reconcile_published.set(summary.published as i64);
+        self.reconcile_published.set(published as i64);
     }
 
     /// Records how a delivery ended. Attempts past the schedule's `max_attempts` share one
     /// label value (`"5+"` for 4 attempts), so no header can grow the label set.
-    pub fn record_outcome(&self, outcome: Outcome, attempt: u32, max_attempts: u32) {
-        let reason = match outcome {
-            Outcome::Parked(reason) => reason.as_str(),
-            _ => "",
-        };
+    /// `reason`: the park reason, or `""`.
+    pub fn record_outcome(&self, outcome: &str, reason: &str, attempt: u32, max_attempts: u32) {
         let attempt = if attempt > max_attempts {
             format!("{}+", max_attempts.saturating_add(1))
         } else {
             attempt.to_string()
         };
-        self.commands.with_label_values(&[outcome.as_str(), &attempt, reason]).inc();
+        self.commands.with_label_values(&[outcome, &attempt, reason]).inc();
     }
 
-    /// Shows `state` as the circuit breaker's current state.
-    pub fn set_circuit_state(&self, state: State) {
+    /// Shows `state` (`closed`, `open` or `half_open`) as the circuit breaker's current state.
+    pub fn set_circuit_state(&self, state: &str) {
         for label in ["closed", "open", "half_open"] {
-            let value = i64::from(label == state.as_str());
+            let value = i64::from(label == state);
             self.stripe_circuit_state.with_label_values(&[label]).set(value);
         }
     }
@@ -326,11 +331,5 @@ impl<C: Collector + Clone + 'static> RegisterIn<C> for prometheus::Result<C> {
         let metric = self.expect("a valid metric definition");
         registry.register(Box::new(metric.clone())).expect("each metric is registered once");
         metric
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

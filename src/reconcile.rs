@@ -1,7 +1,7 @@
 //! `payment-worker reconcile`: the Checkout events whose webhooks did not succeed, listed from
 //! Stripe's Events API and taken through the webhook's own path.
 //!
-//! One run lists the events of [`EVENT_TYPES`] created within `--since` (72 h by default, at
+//! One run lists the events of [`EVENT_TYPES`](crate::stripe::EVENT_TYPES) created within `--since` (72 h by default, at
 //! most Stripe's 30 days), only those whose delivery did not succeed unless `--all`, page by
 //! page (`starting_after`, `has_more`), paced as the worker paces Stripe and retrying a 429, a
 //! 5xx or a lost answer with backoff. Each event is read as a verified webhook's is
@@ -34,16 +34,10 @@ use crate::ops::{BROKER_WAIT, OpsError, bounded, connect};
 use crate::settings::broker::GlobalArgs;
 use crate::settings::{ConfigError, parse_duration, parse_http_url, parse_rate, stripe_secret_key};
 use crate::stripe::pacer::{Pacer, PacerSettings, Turn};
-use crate::stripe::{EventPage, EventQuery, STRIPE_API, StripeApi, StripeError, key_livemode};
+use crate::stripe::{
+    EVENT_TYPES, EventPage, EventQuery, STRIPE_API, StripeApi, StripeError, key_livemode,
+};
 use crate::webhook::{Reply, read_event, success_message};
-
-/// The event types listed: those the webhook acts on or counts.
-pub const EVENT_TYPES: [&str; 4] = [
-    "checkout.session.completed",
-    "checkout.session.async_payment_succeeded",
-    "checkout.session.expired",
-    "checkout.session.async_payment_failed",
-];
 
 /// How long Stripe keeps events.
 pub const MAX_SINCE: Duration = Duration::from_secs(30 * 24 * 3600);

@@ -141,7 +141,12 @@ impl Handler {
     /// Counts how the delivery ended; for a payment done for good, the time since it first
     /// arrived (`first_seen_ms`).
     fn record(&self, outcome: Outcome, attempt: u32, started: Instant, first_seen_ms: u64) {
-        self.metrics.record_outcome(outcome, attempt, self.topology.max_attempts());
+        let reason = match outcome {
+            Outcome::Parked(reason) => reason.as_str(),
+            _ => "",
+        };
+        let max_attempts = self.topology.max_attempts();
+        self.metrics.record_outcome(outcome.as_str(), reason, attempt, max_attempts);
         self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());
         if matches!(outcome, Outcome::Succeeded | Outcome::Parked(_)) {
             let total = Duration::from_millis(copies::now_ms().saturating_sub(first_seen_ms));

@@ -132,7 +132,7 @@ impl FlowControl {
     pub fn new(breaker: BreakerSettings, pacer: PacerSettings, metrics: Arc<Metrics>) -> Self {
         let controller = Controller::new(breaker, pacer, Instant::now());
         metrics.stripe_rate_limit.set(controller.rate());
-        metrics.set_circuit_state(State::Closed);
+        metrics.set_circuit_state(State::Closed.as_str());
         Self {
             controller: Mutex::new(controller),
             circuit: watch::Sender::new(State::Closed),
@@ -201,7 +201,7 @@ impl FlowControl {
         if !changed {
             return;
         }
-        self.metrics.set_circuit_state(state);
+        self.metrics.set_circuit_state(state.as_str());
         self.metrics.stripe_circuit_transitions.with_label_values(&[state.as_str()]).inc();
         match state {
             State::Open { until } => warn!(

@@ -191,6 +191,15 @@ pub enum CallError {
     Stripe { error: StripeError, spread: Spread },
 }
 
+/// The Checkout event types the webhook acts on or counts, and `payment-worker reconcile`
+/// lists: a bounded set, used as a metric label.
+pub const EVENT_TYPES: [&str; 4] = [
+    "checkout.session.completed",
+    "checkout.session.async_payment_succeeded",
+    "checkout.session.expired",
+    "checkout.session.async_payment_failed",
+];
+
 /// The mode a Stripe secret or restricted key works in: `Some(true)` for `sk_live_`/`rk_live_`,
 /// `Some(false)` for `sk_test_`/`rk_test_`, `None` for a key of no known form.
 pub fn key_livemode(key: &str) -> Option<bool> {
@@ -803,7 +812,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_aborted_mid_way_leaves_no_request_in_flight() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(&crate::metrics::Program::default()));
         let (started, call) = {
             let (started, metrics) = (tokio::sync::Notify::new(), metrics.clone());
             let started = Arc::new(started);
