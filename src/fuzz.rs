@@ -19,7 +19,7 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use secrecy::SecretString;
 
 use crate::contract::CreateSession;
-use crate::delivery::copies::{self, FailedAttempt, MAX_CARRIED_HEADERS, Origin, RetryState};
+use crate::delivery::copies::{self, Attempt, MAX_CARRIED_HEADERS, Origin, RetryState};
 use crate::delivery::outcome::ParkReason;
 use crate::webhook;
 
@@ -317,7 +317,7 @@ fn retry_headers() {
             let state = RetryState::from_properties(&original);
             state.time_in_broker(now_ms);
             let origin = Origin { exchange: "trip".into(), routing_key: "k".into() };
-            let failed = FailedAttempt {
+            let failed = Attempt {
                 origin: &origin,
                 state: &state,
                 number: state.attempts.saturating_add(1),

@@ -1,7 +1,7 @@
 //! `payment-worker reconcile`: the Checkout events whose webhooks did not succeed, listed from
 //! Stripe's Events API and taken through the webhook's own path.
 //!
-//! One run lists the events of [`EVENT_TYPES`](crate::stripe::EVENT_TYPES) created within `--since` (72 h by default, at
+//! One run lists the events of [`EVENT_TYPES`] created within `--since` (72 h by default, at
 //! most Stripe's 30 days), only those whose delivery did not succeed unless `--all`, page by
 //! page (`starting_after`, `has_more`), paced as the worker paces Stripe and retrying a 429, a
 //! 5xx or a lost answer with backoff. Each event is read as a verified webhook's is

@@ -191,13 +191,13 @@ impl BrokerAccess {
         self.inner.nodes.len()
     }
 
-    /// Whether some node answers like a broker within `timeout`: a cheap probe of a broker
-    /// that is down, before a full handshake. The probe connects, sends the AMQP protocol
+    /// Whether some node answers like a broker within `timeout`: a cheap check of a broker
+    /// that is down, before a full handshake. The check connects, sends the AMQP protocol
     /// header and waits for any reply (a broker answers with `connection.start`, a TLS port
     /// with an alert). An address that accepts the connection and says nothing (a load
     /// balancer whose backends are down, a hung node) has not answered: a TCP accept alone
     /// never ends the backoff.
-    pub async fn probe(&self, timeout: Duration) -> bool {
+    pub async fn answers(&self, timeout: Duration) -> bool {
         for node in &self.inner.nodes {
             let host = node.uri.authority.host.as_str();
             let port = node.uri.authority.port;

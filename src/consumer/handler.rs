@@ -14,7 +14,7 @@ use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use crate::broker::publish::{PublishError, Publisher, persistent_json};
 use crate::broker::topology::{Delay, Topology};
 use crate::contract::{CreateSession, InvalidMessage};
-use crate::delivery::copies::{self, FailedAttempt, Origin, RetryState};
+use crate::delivery::copies::{self, Attempt, Origin, RetryState};
 use crate::delivery::decision::{Action, Class, decide, within_budget};
 use crate::delivery::outcome::{Outcome, ParkReason};
 use crate::delivery::plan::{Copy, Plan, plan};
@@ -84,7 +84,7 @@ impl Handler {
                 trace::failed(&outcome_span, &failure.detail);
             }
             let refused_event = failure.as_ref().is_some_and(|f| f.refused_event);
-            let attempted = FailedAttempt {
+            let attempted = Attempt {
                 origin: &origin,
                 state: &state,
                 number: attempt,
@@ -169,7 +169,7 @@ impl Handler {
     async fn conclude(
         &self,
         delivery: &Delivery,
-        attempt: FailedAttempt<'_>,
+        attempt: Attempt<'_>,
         failure: Option<Failure>,
     ) -> Outcome {
         let delays = &self.topology.retry.delays;
@@ -191,8 +191,7 @@ impl Handler {
             }
         }
         loop {
-            let failed =
-                FailedAttempt { now_ms: copies::now_ms(), error: &detail, ..attempt.clone() };
+            let failed = Attempt { now_ms: copies::now_ms(), error: &detail, ..attempt.clone() };
             match self.execute(delivery, &action, &failed).await {
                 Ok(outcome) => return outcome,
                 Err(refused) => {
@@ -259,7 +258,7 @@ impl Handler {
         &self,
         delivery: &Delivery,
         action: &Action,
-        failed: &FailedAttempt<'_>,
+        failed: &Attempt<'_>,
     ) -> Result<Outcome, Failure> {
         let copy = match plan(action, failed, &delivery.properties, &self.topology) {
             Plan::Settle(Outcome::Abandoned) => {

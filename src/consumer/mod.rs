@@ -47,8 +47,9 @@ pub use handler::event_properties;
 /// How long a stop or a lost session waits for the broker to answer a cancel or a close.
 const BROKER_REPLY_ON_STOP: Duration = Duration::from_secs(5);
 
-/// How often a broker that did not answer is probed ([`BrokerAccess::probe`]) between reconnects.
-const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a broker that did not answer is checked ([`BrokerAccess::answers`]) between
+/// reconnects.
+const ANSWER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// How long a requeued command is held before it goes back, so that a broker refusing every
 /// replacement does not turn into a hot loop.
@@ -133,7 +134,7 @@ enum ConnectionEnd {
     /// Asked to stop; in-flight work was drained.
     Stopped,
     /// The connection failed; `consumed` tells whether it had got as far as consuming, and
-    /// `answered` whether the broker answered at all (else a cheap probe may find it back
+    /// `answered` whether the broker answered at all (else a cheap check may find it back
     /// before the backoff delay ends).
     Lost { consumed: bool, answered: bool, cause: SessionError },
     /// The broker refused the topology in a way retrying cannot fix.
@@ -209,7 +210,7 @@ impl Worker {
     }
 
     /// Waits `delay` before the next connection. When the broker did not answer at all,
-    /// a probe of its nodes every [`PROBE_INTERVAL`] ends the wait as soon as one
+    /// a check of its nodes every [`ANSWER_CHECK_INTERVAL`] ends the wait as soon as one
     /// answers: the worker is back within a fraction of a second of the broker, and a broker
     /// that answers but refuses (credentials, TLS, topology) is not hammered with handshakes.
     async fn wait_to_reconnect(&self, delay: Duration, answered: bool) {
@@ -218,11 +219,14 @@ impl Worker {
             return tokio::time::sleep_until(until).await;
         }
         while tokio::time::Instant::now() < until {
-            let probe = self.broker.probe(PROBE_INTERVAL);
-            if let Ok(true) = tokio::time::timeout_at(until, probe).await {
+            let answers = self.broker.answers(ANSWER_CHECK_INTERVAL);
+            if let Ok(true) = tokio::time::timeout_at(until, answers).await {
                 return;
             }
-            tokio::time::sleep_until(until.min(tokio::time::Instant::now() + PROBE_INTERVAL)).await;
+            tokio::time::sleep_until(
+                until.min(tokio::time::Instant::now() + ANSWER_CHECK_INTERVAL),
+            )
+            .await;
         }
     }
 }

@@ -137,21 +137,22 @@ pub struct Origin {
     pub routing_key: String,
 }
 
-/// One failed attempt, as recorded on the copy that replaces the message.
+/// One attempt, as the copy that replaces the message records it.
 #[derive(Debug, Clone)]
-pub struct FailedAttempt<'a> {
+pub struct Attempt<'a> {
     pub origin: &'a Origin,
     /// The state the message arrived with.
     pub state: &'a RetryState,
     /// This attempt's number, 1-based.
     pub number: u32,
-    /// When this attempt started and when it failed, Unix milliseconds.
+    /// When this attempt started, and now (when its replacement is made), Unix milliseconds.
     pub started_ms: u64,
     pub now_ms: u64,
+    /// What went wrong; empty for an attempt that succeeded.
     pub error: &'a str,
 }
 
-impl FailedAttempt<'_> {
+impl Attempt<'_> {
     /// Properties for the copy of `original` that waits `delay_ms` in the wait queue of `tier`
     /// before the next attempt.
     pub fn retry_properties(
@@ -190,7 +191,7 @@ impl FailedAttempt<'_> {
 
     /// Properties for the copy of `original` that goes back to the work queue without an
     /// attempt spent: the attempt count and first failure time travel unchanged (the worker's
-    /// own, from [`FailedAttempt::state`], never a publisher's header of the same name), the
+    /// own, from [`Attempt::state`], never a publisher's header of the same name), the
     /// deferral count goes up, and the retry tier is dropped (this copy did not wait in a wait
     /// queue).
     pub fn deferred_properties(&self, original: &BasicProperties) -> BasicProperties {
@@ -401,8 +402,8 @@ mod tests {
         number: u32,
         now_ms: u64,
         error: &'a str,
-    ) -> FailedAttempt<'a> {
-        FailedAttempt { origin, state, number, started_ms: now_ms - 1, now_ms, error }
+    ) -> Attempt<'a> {
+        Attempt { origin, state, number, started_ms: now_ms - 1, now_ms, error }
     }
 
     #[test]

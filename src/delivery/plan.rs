@@ -4,7 +4,7 @@
 use lapin::BasicProperties;
 
 use crate::broker::topology::Topology;
-use crate::delivery::copies::FailedAttempt;
+use crate::delivery::copies::Attempt;
 use crate::delivery::decision::{Action, Class};
 use crate::delivery::outcome::Outcome;
 
@@ -42,7 +42,7 @@ impl Copy<'_> {
 /// The plan for `action` on a delivery with `original` properties after `failed`.
 pub fn plan<'a>(
     action: &'a Action,
-    failed: &FailedAttempt<'_>,
+    failed: &Attempt<'_>,
     original: &BasicProperties,
     topology: &'a Topology,
 ) -> Plan<'a> {
@@ -102,7 +102,7 @@ mod tests {
         let origin =
             Origin { exchange: "trip".into(), routing_key: "payment.cmd.create_session".into() };
         let state = RetryState { attempts: 1, ..RetryState::default() };
-        let failed = FailedAttempt {
+        let failed = Attempt {
             origin: &origin,
             state: &state,
             number: 2,
@@ -166,7 +166,7 @@ mod tests {
     /// The copy `action` calls for; panics on an action that publishes none.
     fn copy<'a>(
         action: &'a Action,
-        failed: &FailedAttempt<'_>,
+        failed: &Attempt<'_>,
         original: &BasicProperties,
         topology: &'a Topology,
     ) -> Copy<'a> {

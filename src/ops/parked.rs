@@ -105,7 +105,7 @@ impl Filter {
 
 /// What to do with each matching parked message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub enum Operation {
     /// Only look.
     List,
     /// Back to the work queue, attempt counter reset.
@@ -120,7 +120,7 @@ impl ParkedCommand {
     pub async fn exec(self, global: &GlobalArgs) -> Result<ExitCode, OpsError> {
         let (action, filter, dry_run, json) = match self {
             Self::List { limit, json } => (
-                Action::List,
+                Operation::List,
                 Filter { all: true, limit: Some(limit), ..Filter::default() },
                 true,
                 json,
@@ -130,24 +130,24 @@ impl ParkedCommand {
                     let window = REPLAY_WINDOW.as_millis() as u64;
                     filter.arrived_after_ms = Some(copies::now_ms().saturating_sub(window));
                 }
-                (Action::Replay, filter, dry_run, json)
+                (Operation::Replay, filter, dry_run, json)
             }
-            Self::Purge { filter, yes, json } => (Action::Purge, filter, !yes, json),
+            Self::Purge { filter, yes, json } => (Operation::Purge, filter, !yes, json),
         };
         filter.validate()?;
         let topology = global.load_topology()?;
         let connection = connect(global).await?;
         let verb = match (action, dry_run) {
-            (Action::List, _) => "parked",
-            (Action::Replay, true) => "would replay",
-            (Action::Replay, false) => "replayed",
-            (Action::Purge, true) => "would purge",
-            (Action::Purge, false) => "purged",
+            (Operation::List, _) => "parked",
+            (Operation::Replay, true) => "would replay",
+            (Operation::Replay, false) => "replayed",
+            (Operation::Purge, true) => "would purge",
+            (Operation::Purge, false) => "purged",
         };
         let walked = walk_parked(&connection, &topology, action, &filter, dry_run, |entry| {
             if json {
                 print_json(entry);
-            } else if action == Action::List {
+            } else if action == Operation::List {
                 println!("{}", entry.line());
             } else {
                 println!("{verb} {}", entry.line());
@@ -168,10 +168,10 @@ impl ParkedCommand {
         }
         if !json {
             eprintln!("{count} message(s) {verb}");
-            if action == Action::List && count < present {
+            if action == Operation::List && count < present {
                 eprintln!("{} more parked, not shown: raise --limit", present - count);
             }
-            if action == Action::Purge && dry_run && count > 0 {
+            if action == Operation::Purge && dry_run && count > 0 {
                 eprintln!("nothing removed: add --yes to purge them");
             }
         }
@@ -313,7 +313,7 @@ fn printable(text: &str) -> String {
 pub async fn walk_parked(
     connection: &Connection,
     topology: &Topology,
-    action: Action,
+    action: Operation,
     filter: &Filter,
     dry_run: bool,
     mut report: impl FnMut(&ParkedEntry),
@@ -322,7 +322,7 @@ pub async fn walk_parked(
     let channel = channel(connection).await?;
     let present = parked_count(&channel, queue).await?;
     let rotate = topology.parking.queue_type == QueueType::Quorum;
-    let publisher = if rotate || (action == Action::Replay && !dry_run) {
+    let publisher = if rotate || (action == Operation::Replay && !dry_run) {
         Some(bounded("opening a publish channel", Publisher::open(connection)).await?)
     } else {
         None
@@ -346,11 +346,11 @@ pub async fn walk_parked(
         let Some(message) = got else { break };
         let delivery = message.delivery;
         let entry = ParkedEntry::from_message(&delivery.data, &delivery.properties);
-        let wanted = !full && (action == Action::List || filter.matches(&entry));
-        let refuse = wanted && action == Action::Replay && filter.refuses(&entry);
+        let wanted = !full && (action == Operation::List || filter.matches(&entry));
+        let refuse = wanted && action == Operation::Replay && filter.refuses(&entry);
         let take = wanted && !refuse;
-        let settle = if take && action != Action::List && !dry_run {
-            if let Some(publisher) = publisher.as_ref().filter(|_| action == Action::Replay) {
+        let settle = if take && action != Operation::List && !dry_run {
+            if let Some(publisher) = publisher.as_ref().filter(|_| action == Operation::Replay) {
                 replay(publisher, topology, &delivery).await?;
             }
             true
