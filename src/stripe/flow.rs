@@ -19,7 +19,6 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
-use crate::stripe::StripeError;
 use crate::stripe::breaker::{Admission, Breaker, BreakerSettings, Caller, Signal, Spread, State};
 use crate::stripe::pacer::{Pacer, PacerSettings, Slot, Turn};
 
@@ -84,8 +83,8 @@ impl Controller {
         }
     }
 
-    /// Records the answer to a call: `signal`, and the `Retry-After` it carried (honoured
-    /// only on a 429 or a 503, see [`StripeError::retry_after`]). For a Stripe-wide failure,
+    /// Records the answer to a call: `signal`, and the `Retry-After` it carried (the client
+    /// passes one only on a 429 or a 503). For a Stripe-wide failure,
     /// says how widespread it is.
     pub fn finish(
         &mut self,
@@ -218,13 +217,17 @@ impl FlowControl {
 }
 
 impl Permit<'_> {
-    /// Records Stripe's answer to a call about `caller` with the controller. For a
-    /// Stripe-wide failure, says how widespread it is.
-    pub fn finish(mut self, result: Result<(), &StripeError>, caller: Caller) -> Spread {
+    /// Records Stripe's answer to a call about `caller` with the controller: what it says
+    /// about Stripe (`signal`), and how long Stripe asked to wait. For a Stripe-wide failure,
+    /// says how widespread it is.
+    pub fn finish(
+        mut self,
+        signal: Signal,
+        retry_after: Option<Duration>,
+        caller: Caller,
+    ) -> Spread {
         let Some(slot) = self.slot.take() else { return Spread::Widespread };
         let ticket = Ticket { probe: self.probe, slot };
-        let signal = result.map_or_else(StripeError::signal, |()| Signal::Answered);
-        let retry_after = result.err().and_then(StripeError::retry_after);
         let spread = {
             let mut controller = self.flow.controller();
             let spread = controller.finish(Instant::now(), ticket, signal, retry_after, caller);

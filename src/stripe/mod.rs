@@ -294,8 +294,11 @@ impl Gateway {
             self.metrics.stripe_duration.observe(started.elapsed().as_secs_f64());
             result
         };
-        let spread =
-            permit.finish(result.as_ref().map(|_| ()), Caller { payment: &cmd.trip_id, suspect });
+        let (signal, retry_after) = match &result {
+            Ok(_) => (Signal::Answered, None),
+            Err(e) => (e.signal(), e.retry_after()),
+        };
+        let spread = permit.finish(signal, retry_after, Caller { payment: &cmd.trip_id, suspect });
         let label = match &result {
             Ok(session) if session.replayed => "replayed",
             Ok(_) => "created",
