@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::broker::connect::Pool;
+use crate::broker::connect::{BrokerAccess, Pool};
 use crate::broker::publish::PublishError;
 use crate::broker::topology::{QueueType, Topology};
 use crate::consumer::{Worker, WorkerError, WorkerSettings};
@@ -65,20 +65,7 @@ impl App {
             counters: &[EXPORT_FAILURES.clone(), SPANS_DROPPED.clone()],
             publish_failure_kinds: &PublishError::KINDS,
         }));
-        let breaker = args.breaker_settings()?;
-        let pacer = args.pacer_settings()?;
-        let secret_key = args.stripe_secret_key()?;
-        let livemode = secret_key.as_ref().and_then(|k| key_livemode(k.expose_secret()));
-        let gateway = match secret_key {
-            Some(secret) => Gateway::stripe(
-                StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout).map_err(
-                    |e| ConfigError::new("STRIPE_API_BASE", "stripe-api-base", e.to_string()),
-                )?,
-                FlowControl::new(breaker, pacer, metrics.clone()),
-                metrics.clone(),
-            ),
-            None => Gateway::mock(metrics.clone()),
-        };
+        let (gateway, livemode) = gateway(args, &metrics)?;
         let webhook_secrets = args.webhook_secrets()?;
         let listener = TcpListener::bind(args.http_addr)
             .await
@@ -86,33 +73,8 @@ impl App {
         let readiness = Readiness::new(metrics.ready.clone());
         // The consumer session, the outbox's session, and the webhook and depth poller briefly.
         let pool = broker.pool("payment-worker", 3);
-        if gateway.is_mock() {
-            warn!(
-                "MOCK MODE: STRIPE_SECRET_KEY is unset, sessions are fake \
-                 (cs_test_mock_session_<trip id>) and can never be paid"
-            );
-        } else {
-            info!(
-                stripe_api_base = %args.stripe_api_base,
-                timeout_ms = args.stripe_timeout.as_millis() as u64,
-                initial_rps = pacer.initial,
-                max_rps = ?pacer.max,
-                breaker_consecutive = breaker.consecutive,
-                breaker_cooldown_ms = breaker.cooldown.as_millis() as u64,
-                "Stripe mode"
-            );
-        }
         info!(broker = %broker.describe(), profile = %topology.profile, http_addr = %args.http_addr, "starting");
-        if broker.node_count() > 1 && topology.work_queue.queue_type == QueueType::Classic {
-            warn!(
-                nodes = broker.node_count(),
-                profile = %topology.profile,
-                "several broker nodes with classic queues: a classic queue lives on one node, \
-                 and while that node is down every node refuses it (NOT_FOUND, home node down), \
-                 so payments stop until it returns. For failover use quorum queues: \
-                 PAYMENT_TOPOLOGY=topology/quorum.toml on a fresh cluster"
-            );
-        }
+        warn_without_failover(&broker, &topology);
         let settings = WorkerSettings {
             prefetch: args.prefetch,
             shutdown_grace: args.shutdown_grace,
@@ -251,5 +213,55 @@ async fn poll_queue_depths(
             }
         }
         let _ = channel.close(200, "depths read".into()).await;
+    }
+}
+
+/// The Stripe gateway the settings ask for, behind flow control (or mock mode without a key),
+/// said in a log line; and the mode of the key (`Some(true)`: live), if it has a known form.
+fn gateway(args: &RunArgs, metrics: &Arc<Metrics>) -> Result<(Gateway, Option<bool>), StartError> {
+    let breaker = args.breaker_settings()?;
+    let pacer = args.pacer_settings()?;
+    let secret_key = args.stripe_secret_key()?;
+    let livemode = secret_key.as_ref().and_then(|k| key_livemode(k.expose_secret()));
+    let gateway = match secret_key {
+        Some(secret) => Gateway::stripe(
+            StripeApi::new(&args.stripe_api_base, secret, args.stripe_timeout).map_err(|e| {
+                ConfigError::new("STRIPE_API_BASE", "stripe-api-base", e.to_string())
+            })?,
+            FlowControl::new(breaker, pacer, metrics.clone()),
+            metrics.clone(),
+        ),
+        None => Gateway::mock(metrics.clone()),
+    };
+    if gateway.is_mock() {
+        warn!(
+            "MOCK MODE: STRIPE_SECRET_KEY is unset, sessions are fake \
+             (cs_test_mock_session_<trip id>) and can never be paid"
+        );
+    } else {
+        info!(
+            stripe_api_base = %args.stripe_api_base,
+            timeout_ms = args.stripe_timeout.as_millis() as u64,
+            initial_rps = pacer.initial,
+            max_rps = ?pacer.max,
+            breaker_consecutive = breaker.consecutive,
+            breaker_cooldown_ms = breaker.cooldown.as_millis() as u64,
+            "Stripe mode"
+        );
+    }
+    Ok((gateway, livemode))
+}
+
+/// Several nodes with classic queues: a warning that there is no failover.
+fn warn_without_failover(broker: &BrokerAccess, topology: &Topology) {
+    if broker.node_count() > 1 && topology.work_queue.queue_type == QueueType::Classic {
+        warn!(
+            nodes = broker.node_count(),
+            profile = %topology.profile,
+            "several broker nodes with classic queues: a classic queue lives on one node, \
+             and while that node is down every node refuses it (NOT_FOUND, home node down), \
+             so payments stop until it returns. For failover use quorum queues: \
+             PAYMENT_TOPOLOGY=topology/quorum.toml on a fresh cluster"
+        );
     }
 }

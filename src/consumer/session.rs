@@ -222,16 +222,28 @@ impl Worker {
                     }
                 },
                 () = sleep_until(probe_at), if probe_at.is_some() => {
-                    match self.fetch_probe(channel).await {
-                        Ok(Some(delivery)) => probe = Some(tasks.spawn(delivery)),
-                        // Nothing waits: consume again, the first delivery probes.
-                        Ok(None) => match self.start_consumer(channel).await {
-                            Ok(consumer) => intake.resume(consumer, &self.metrics),
-                            Err(cause) => return Some(cause),
-                        },
+                    match self.probe(channel, intake, tasks).await {
+                        Ok(task) => probe = task,
                         Err(cause) => return Some(cause),
                     }
                 }
+            }
+        }
+    }
+
+    /// Probes Stripe with one message from the work queue: the task handling it. When none
+    /// waits, consumes again instead, and the first delivery probes.
+    async fn probe(
+        &self,
+        channel: &Channel,
+        intake: &mut Intake,
+        tasks: &mut Tasks,
+    ) -> Result<Option<tokio::task::Id>, SessionError> {
+        match self.fetch_probe(channel).await? {
+            Some(delivery) => Ok(Some(tasks.spawn(delivery))),
+            None => {
+                intake.resume(self.start_consumer(channel).await?, &self.metrics);
+                Ok(None)
             }
         }
     }

@@ -166,7 +166,7 @@ impl StripeError {
     }
 
     /// A bounded label for metrics.
-    pub fn class(&self) -> &'static str {
+    pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Transport(_) => "transport",
             Self::Timeout(_) => "timeout",
@@ -302,7 +302,7 @@ impl Gateway {
         let label = match &result {
             Ok(session) if session.replayed => "replayed",
             Ok(_) => "created",
-            Err(e) => e.class(),
+            Err(e) => e.metric_label(),
         };
         match &result {
             Ok(session) => {
@@ -763,7 +763,7 @@ mod tests {
         assert!(api(400, Some(true), None).is_transient(), "Stripe-Should-Retry: true wins");
         let conflict = api(400, None, Some("idempotency_error"));
         assert!(conflict.is_parameter_mismatch() && !conflict.is_transient());
-        assert_eq!(conflict.class(), "idempotency_conflict");
+        assert_eq!(conflict.metric_label(), "idempotency_conflict");
         let concurrent = api(409, Some(true), Some("idempotency_error"));
         assert!(concurrent.is_transient() && !concurrent.is_parameter_mismatch());
     }
