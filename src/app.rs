@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -24,7 +25,6 @@ use crate::stripe::flow::FlowControl;
 use crate::stripe::{Gateway, StripeApi, key_livemode};
 use crate::telemetry::{EXPORT_FAILURES, SPANS_DROPPED};
 use crate::webhook::{Webhook, WebhookSettings};
-use secrecy::ExposeSecret;
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]

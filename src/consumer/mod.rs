@@ -27,13 +27,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::broker::connect::{BrokerAccess, Pool, PoolError};
-use crate::error_chain;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::broker::connect::{BrokerAccess, Pool, PoolError};
 use crate::broker::topology::{Topology, TopologyError};
+use crate::error_chain;
 use crate::health::Readiness;
 use crate::metrics::Metrics;
 use crate::stripe::{CheckoutUrls, Gateway};

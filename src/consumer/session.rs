@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::broker::connect::PoolError;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -17,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::broker::connect::PoolError;
 use crate::broker::publish::Publisher;
 use crate::stripe::breaker::State;
 
