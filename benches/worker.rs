@@ -62,20 +62,10 @@ async fn start_pod(
 ) -> (Pod, Duration) {
     let http = testkit::free_loopback_addr();
     let mut command = Command::new(WORKER);
-    command.args([
-        "--rabbitmq-uri",
-        uri,
-        "run",
-        "--http-addr",
-        &http.to_string(),
-        "--prefetch",
-        &prefetch.to_string(),
-    ]);
+    command.args(testkit::world::run_args(uri, stripe));
+    command.args(["--http-addr", &http.to_string(), "--prefetch", &prefetch.to_string()]);
     let level = if std::env::var_os("BENCH_POD_LOG").is_some() { "info" } else { "warn" };
     command.args(["--log-format", "text", "--queue-depth-interval", "60s"]).env("RUST_LOG", level);
-    if let Some(stripe) = stripe {
-        command.args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &stripe.base_url()]);
-    }
     // BENCH_POD_LOG=path appends the pods' logs there.
     let log = std::env::var("BENCH_POD_LOG").ok().map(|path| {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path);

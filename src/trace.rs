@@ -12,10 +12,12 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TraceContextExt as _;
-use tracing::Span;
+use tracing::{Instrument as _, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::broker::headers::{long_string, string};
+use crate::broker::publish::{PublishError, Publisher};
+use crate::metrics::Metrics;
 
 /// Makes the trace context in `properties`' headers the parent of `span` (when spans are
 /// exported; otherwise nothing happens), then records the span's ids in its `trace_id` and
@@ -81,6 +83,31 @@ pub fn producer_span(exchange: &str, routing_key: &str, copy: &'static str) -> S
     );
     record_ids(&span, None);
     span
+}
+
+/// Publishes with `publisher` inside `span`, a producer span ([`producer_span`]) whose
+/// context the message carries ([`stamp`]); a failure marks the span failed and is counted in
+/// `payment_worker_publish_failures_total`. The one traced publish of the consumer and the
+/// webhook.
+///
+/// # Errors
+/// See [`Publisher::publish`].
+pub async fn publish(
+    publisher: &Publisher,
+    (exchange, routing_key): (&str, &str),
+    body: &[u8],
+    properties: BasicProperties,
+    span: Span,
+    metrics: &Metrics,
+) -> Result<(), PublishError> {
+    let properties = span.in_scope(|| stamp(properties));
+    let result =
+        publisher.publish(exchange, routing_key, body, properties).instrument(span.clone()).await;
+    if let Err(e) = &result {
+        failed(&span, e);
+        metrics.publish_failures.with_label_values(&[e.kind()]).inc();
+    }
+    result
 }
 
 /// Marks `span` failed: error status with `reason`.

@@ -386,21 +386,17 @@ impl Webhook {
         let (body, properties) = success_message(event_id, success, traceparent);
         let routing_key = &self.topology.success.outbox;
         let span = trace::producer_span("", routing_key, "event");
-        let properties = span.in_scope(|| trace::stamp(properties));
         let mut slot = self.publisher.lock().await;
         if slot.as_ref().is_none_or(|p| !p.channel().status().connected()) {
             let connection = self.pool.get().await.map_err(NotPublished::Connect)?;
             *slot = Some(Publisher::open(&connection).await.map_err(NotPublished::Channel)?);
         }
         let publisher = slot.as_ref().expect("just opened");
+        let target = ("", routing_key.as_str());
         let result =
-            publisher.publish("", routing_key, &body, properties).instrument(span.clone()).await;
-        if let Err(e) = &result {
-            trace::failed(&span, e);
-            self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
-            if e.is_channel_failure() {
-                *slot = None;
-            }
+            trace::publish(publisher, target, &body, properties, span, &self.metrics).await;
+        if result.as_ref().is_err_and(PublishError::is_channel_failure) {
+            *slot = None;
         }
         result.map_err(NotPublished::Publish)
     }

@@ -33,7 +33,7 @@ use testkit::node::RabbitNode;
 use testkit::pod::Pod;
 use testkit::proxy::FaultProxy;
 use testkit::stats::{env_usize, percentile};
-use testkit::stripe::{Behaviour, Outage, RandomFailures, SECRET_KEY, StripeStandin};
+use testkit::stripe::{Behaviour, Outage, RandomFailures, StripeStandin};
 use tokio::process::{Child, Command};
 
 #[derive(Debug, Clone)]
@@ -137,13 +137,12 @@ impl Harness {
         let mut command = Command::new(env!("CARGO_BIN_EXE_payment-worker"));
         let uris: Vec<String> =
             self.proxies.iter().map(|p| format!("amqp://guest:guest@{}/%2f", p.addr())).collect();
-        command.args(["--rabbitmq-uri", &uris.join(","), "run"]);
+        command.args(testkit::world::run_args(&uris.join(","), Some(&self.stripe)));
         if self.nodes.len() > 1 {
             let profile = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topology/quorum.toml");
             command.arg("--topology").arg(profile);
         }
         command
-            .args(["--stripe-secret-key", SECRET_KEY, "--stripe-api-base", &self.stripe.base_url()])
             .args([
                 "--stripe-timeout",
                 "1s",

@@ -335,9 +335,9 @@ impl Handler {
         }
     }
 
-    /// Publishes on the connection's confirm channel, inside `span` (a producer span whose
-    /// trace context the message carries). A failure is counted; a broken channel also ends
-    /// the connection, since nothing more can be published or acked on it.
+    /// Publishes on the connection's confirm channel, inside `span` ([`trace::publish`]). A
+    /// broken channel also ends the connection, since nothing more can be published or acked
+    /// on it.
     async fn publish(
         &self,
         exchange: &str,
@@ -346,18 +346,11 @@ impl Handler {
         properties: BasicProperties,
         span: Span,
     ) -> Result<(), PublishError> {
-        let properties = span.in_scope(|| trace::stamp(properties));
-        let result = self
-            .publisher
-            .publish(exchange, routing_key, body, properties)
-            .instrument(span.clone())
-            .await;
-        if let Err(e) = &result {
-            trace::failed(&span, e);
-            self.metrics.publish_failures.with_label_values(&[e.kind()]).inc();
-            if e.is_channel_failure() {
-                self.connection_failed.cancel();
-            }
+        let target = (exchange, routing_key);
+        let result =
+            trace::publish(&self.publisher, target, body, properties, span, &self.metrics).await;
+        if result.as_ref().is_err_and(PublishError::is_channel_failure) {
+            self.connection_failed.cancel();
         }
         result
     }

@@ -64,24 +64,20 @@ impl World {
 
     /// The command-line arguments of a worker on this world's vhost and Stripe stand-in.
     pub fn args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args = self.mock_args(&["--stripe-secret-key", SECRET_KEY]);
-        args.extend(["--stripe-api-base".into(), self.stripe.base_url()]);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        args
+        self.args_with(Some(&self.stripe), extra)
     }
 
     /// The same without a Stripe key: mock mode.
     pub fn mock_args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = vec![
-            "payment-worker".into(),
-            "--rabbitmq-uri".into(),
-            self.vhost.uri(),
-            "run".into(),
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--queue-depth-interval".into(),
-            "200ms".into(),
-        ];
+        self.args_with(None, extra)
+    }
+
+    fn args_with(&self, stripe: Option<&StripeStandin>, extra: &[&str]) -> Vec<String> {
+        let mut args = vec!["payment-worker".to_owned()];
+        args.extend(run_args(&self.vhost.uri(), stripe));
+        args.extend(
+            ["--http-addr", "127.0.0.1:0", "--queue-depth-interval", "200ms"].map(String::from),
+        );
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args
     }
@@ -108,6 +104,18 @@ impl World {
         wait_ready(worker.http).await;
         worker
     }
+}
+
+/// The arguments of `payment-worker run` on the broker at `uri` (several, comma-separated,
+/// for a cluster's nodes), in Stripe mode against `stripe` or else in mock mode: the one
+/// builder of the worker's arguments for the tests, the chaos suite and the bench.
+pub fn run_args(uri: &str, stripe: Option<&StripeStandin>) -> Vec<String> {
+    let mut args = vec!["--rabbitmq-uri".to_owned(), uri.to_owned(), "run".to_owned()];
+    if let Some(stripe) = stripe {
+        args.extend(["--stripe-secret-key".to_owned(), SECRET_KEY.to_owned()]);
+        args.extend(["--stripe-api-base".to_owned(), stripe.base_url()]);
+    }
+    args
 }
 
 /// Starts the real binary (`binary`: its path, `CARGO_BIN_EXE_payment-worker` where cargo
