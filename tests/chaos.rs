@@ -139,7 +139,7 @@ impl Harness {
             self.proxies.iter().map(|p| format!("amqp://guest:guest@{}/%2f", p.addr())).collect();
         command.args(testkit::world::run_args(&uris.join(","), Some(&self.stripe)));
         if self.nodes.len() > 1 {
-            let profile = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("topology/quorum.toml");
+            let profile = testkit::world::repo_path("topology/quorum.toml");
             command.arg("--topology").arg(profile);
         }
         command

@@ -141,10 +141,7 @@ impl Handler {
     /// Counts how the delivery ended; for a payment done for good, the time since it first
     /// arrived (`first_seen_ms`).
     fn record(&self, outcome: Outcome, attempt: u32, started: Instant, first_seen_ms: u64) {
-        let reason = match outcome {
-            Outcome::Parked(reason) => reason.as_str(),
-            _ => "",
-        };
+        let reason = outcome.park_reason().map_or("", ParkReason::as_str);
         let max_attempts = self.topology.max_attempts();
         self.metrics.record_outcome(outcome.as_str(), reason, attempt, max_attempts);
         self.metrics.attempt_duration.observe(started.elapsed().as_secs_f64());

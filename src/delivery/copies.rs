@@ -5,7 +5,6 @@
 //! back in). A retry copy or a parked copy is the original body byte for byte with the
 //! original properties, minus the broker's dead-letter headers, plus these headers.
 
-use crate::delivery::outcome::ParkReason;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
@@ -13,6 +12,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 
 use crate::broker::headers::{entry_len, int, long_string, string};
 use crate::broker::topology::Delay;
+use crate::delivery::outcome::ParkReason;
 
 /// Attempts made so far (failed ones); absent on a first delivery.
 pub const ATTEMPT: &str = "payment-attempt";

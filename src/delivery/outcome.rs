@@ -30,6 +30,14 @@ impl Outcome {
             Self::Abandoned => "abandoned",
         }
     }
+
+    /// Why the message was parked, for a parked one.
+    pub fn park_reason(self) -> Option<ParkReason> {
+        match self {
+            Self::Parked(reason) => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 /// Why a message was parked: a bounded set, used as a metric label.

@@ -1,5 +1,6 @@
-//! Flow control in front of Stripe: the evidence and circuit breaker ([`crate::stripe::breaker`]) and
-//! the pacer ([`crate::stripe::pacer`]) of one replica, shared by all its deliveries.
+//! Flow control in front of Stripe: the evidence and circuit breaker
+//! ([`crate::stripe::breaker`]) and the pacer ([`crate::stripe::pacer`]) of one replica, shared
+//! by all its deliveries.
 //!
 //! The policy is [`Controller`], pure (it takes the time), so a simulation drives it with a
 //! clock of its own (the tests below). [`FlowControl`] puts it behind a mutex for the worker:
@@ -251,8 +252,9 @@ impl Drop for Permit<'_> {
 }
 
 /// The controller driven by a simulated clock through scripted answer sequences, with the
-/// worker's own decisions ([`crate::delivery::decision::decide`]) and retry schedule (1 s, 2 s, 4 s):
-/// what each kind of trouble costs in calls, and which phases the circuit goes through.
+/// worker's own decisions ([`crate::delivery::decision::decide`]) and retry schedule (1 s,
+/// 2 s, 4 s): what each kind of trouble costs in calls, and which phases the circuit goes
+/// through.
 #[cfg(test)]
 mod simulation {
     use std::cmp::Reverse;

@@ -75,7 +75,7 @@ pub struct GoEvent {
 pub fn binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the repository");
+        let root = crate::world::repo_path("");
         let out = root.join("target").join("gopeer");
         let binary = out.join("gopeer");
         let built = std::process::Command::new("go")

@@ -1,21 +1,22 @@
 //! A world per test: its own vhost, its own Stripe stand-in, workers started on demand.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::amqp::Client;
-use crate::http_get;
-use crate::pod::{Pod, ready_within};
-use crate::stripe::{SECRET_KEY, StripeStandin};
-use crate::vhost::Vhost;
 use clap::Parser;
 use payment_worker::app::App;
 use payment_worker::cli::{Cli, Command};
 use payment_worker::consumer::WorkerError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::amqp::Client;
+use crate::http_get;
+use crate::pod::{Pod, ready_within};
+use crate::stripe::{SECRET_KEY, StripeStandin};
+use crate::vhost::Vhost;
 
 pub use crate::names::{EVENTS, PARKED, WAIT_QUEUES, WORK};
 
@@ -50,8 +51,11 @@ impl RunningWorker {
 }
 
 /// A path in the repository (testkit's parent directory).
+///
+/// # Panics
+/// Never: testkit lives in the repository.
 pub fn repo_path(relative: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the repository").join(relative)
 }
 
 impl World {

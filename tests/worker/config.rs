@@ -124,7 +124,7 @@ fn several_nodes_with_classic_queues_warn_at_start() {
     assert!(stderr.contains("topology/quorum.toml") && stderr.contains("classic"), "{stderr}");
     let (_, stderr) = run(&["run"], &[("RABBITMQ_URI", nodes.split(',').next().unwrap())]);
     assert!(!stderr.contains("topology/quorum.toml"), "one node, no warning: {stderr}");
-    let quorum = format!("{}/topology/quorum.toml", env!("CARGO_MANIFEST_DIR"));
+    let quorum = testkit::world::repo_path("topology/quorum.toml").display().to_string();
     let (_, stderr) = run(&["run"], &[("RABBITMQ_URI", &nodes), ("PAYMENT_TOPOLOGY", &quorum)]);
     assert!(!stderr.contains("topology/quorum.toml"), "quorum, no warning: {stderr}");
 }
