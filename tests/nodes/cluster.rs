@@ -164,8 +164,23 @@ async fn a_cluster_node_killed_under_load_then_a_whole_cluster_restart_lose_noth
             depths.push((queue, client.try_depth(queue).await));
         }
         let calls: Vec<usize> = missing.iter().map(|t| world.stripe.seen_for(t).len()).collect();
+        // What was parked, and why: the trip, the reason and its detail.
+        let parked: Vec<(Option<String>, Option<String>, Option<String>)> = client
+            .take(PARKED, 50, Duration::from_secs(1))
+            .await
+            .iter()
+            .map(|m| {
+                let trip = inner(&m.body)["tripID"].as_str().map(str::to_owned);
+                (
+                    trip,
+                    m.header_string("payment-park-reason"),
+                    m.header_string("payment-park-detail"),
+                )
+            })
+            .collect();
         panic!(
-            "every trip has its event; missing: {missing:?} (Stripe calls {calls:?}, {depths:?})"
+            "every trip has its event; missing: {missing:?} (Stripe calls {calls:?}, {depths:?}); \
+             parked: {parked:?}"
         );
     }
 
