@@ -178,7 +178,7 @@ impl Metrics {
             .register_in(&registry),
             channel_errors: IntCounter::new(
                 "payment_worker_channel_errors_total",
-                "Broker sessions ended by a channel or connection failure, or restarted after a refused event",
+                "Broker sessions ended by a channel or connection failure, or restarted after a nacked event or copy",
             )
             .register_in(&registry),
             publish_failures: IntCounterVec::new(

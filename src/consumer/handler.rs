@@ -35,9 +35,9 @@ pub(super) struct Handler {
     pub(super) publisher: Publisher,
     /// Cancelled when a publish finds the channel broken: the connection must start over.
     pub(super) connection_failed: CancellationToken,
-    /// Cancelled once a delivery whose event the broker refused is settled: the session
-    /// starts over on a new channel (see [`Failure::refused_event`]).
-    pub(super) event_refused: CancellationToken,
+    /// Cancelled once a delivery whose event or copy the broker nacked is settled: the
+    /// session starts over on a new channel (see [`Failure::nacked`]).
+    pub(super) nacked: CancellationToken,
 }
 
 /// Why an attempt, or the publish of its replacement, did not succeed; `detail` is recorded
@@ -45,15 +45,15 @@ pub(super) struct Handler {
 struct Failure {
     class: Class,
     detail: String,
-    /// The broker nacked the result event. A channel that began publishing to a quorum
-    /// queue while its leader was being elected can go on being refused by it (RabbitMQ
-    /// 3.10), so the session starts over once this delivery is settled.
-    refused_event: bool,
+    /// The broker nacked the result event or a copy. A channel that began publishing to a
+    /// quorum queue while its leader was being elected can go on being refused by it
+    /// (RabbitMQ 3.10), so the session starts over once this delivery is settled.
+    nacked: bool,
 }
 
 impl Failure {
     fn new(class: Class, detail: impl Into<String>) -> Self {
-        Self { class, detail: detail.into(), refused_event: false }
+        Self { class, detail: detail.into(), nacked: false }
     }
 }
 
@@ -83,7 +83,7 @@ impl Handler {
             if let Some(failure) = &failure {
                 trace::failed(&outcome_span, &failure.detail);
             }
-            let refused_event = failure.as_ref().is_some_and(|f| f.refused_event);
+            let event_nacked = failure.as_ref().is_some_and(|f| f.nacked);
             let attempted = Attempt {
                 origin: &origin,
                 state: &state,
@@ -92,14 +92,14 @@ impl Handler {
                 now_ms: started_ms,
                 error: "",
             };
-            let outcome = self.conclude(&delivery, attempted, failure).await;
+            let (outcome, copy_nacked) = self.conclude(&delivery, attempted, failure).await;
             outcome_span.record("payment.outcome", outcome.as_str());
             if let Outcome::Parked(reason) = outcome {
                 outcome_span.record("payment.park_reason", reason.as_str());
             }
             self.settle(&delivery, outcome).await;
-            if refused_event {
-                self.event_refused.cancel();
+            if event_nacked || copy_nacked {
+                self.nacked.cancel();
             }
             self.record(outcome, attempt, started, state.first_seen_at.unwrap_or(started_ms));
         }
@@ -163,12 +163,13 @@ impl Handler {
 
     /// Decides what the attempt's `failure` (`None`: success) calls for and carries it out;
     /// each replacement the broker refuses leads to the next decision, ending in an outcome.
+    /// `true` with it: the broker nacked a copy on the way.
     async fn conclude(
         &self,
         delivery: &Delivery,
         attempt: Attempt<'_>,
         failure: Option<Failure>,
-    ) -> Outcome {
+    ) -> (Outcome, bool) {
         let delays = &self.topology.retry.delays;
         let (mut action, mut detail) = match failure {
             None => (decide(attempt.number, None, delays), String::new()),
@@ -187,11 +188,13 @@ impl Handler {
                 );
             }
         }
+        let mut nacked = false;
         loop {
             let failed = Attempt { now_ms: copies::now_ms(), error: &detail, ..attempt.clone() };
             match self.execute(delivery, &action, &failed).await {
-                Ok(outcome) => return outcome,
+                Ok(outcome) => return (outcome, nacked),
                 Err(refused) => {
+                    nacked |= refused.nacked;
                     action = decide(attempt.number, Some(refused.class), delays);
                     detail = refused.detail;
                 }
@@ -243,7 +246,7 @@ impl Handler {
             }
             Err(e) if e.is_channel_failure() => Err(Failure::new(Class::Channel, e.to_string())),
             Err(e) => Err(Failure {
-                refused_event: matches!(e, PublishError::Nacked),
+                nacked: matches!(e, PublishError::Nacked),
                 ..Failure::new(Class::Transient, format!("publishing {routing_key}: {e}"))
             }),
         }
@@ -266,7 +269,7 @@ impl Handler {
             Plan::Publish(copy) => *copy,
         };
         let span = trace::producer_span(copy.exchange, copy.routing_key, copy.name());
-        let Copy { exchange, routing_key, properties, outcome, refused } = copy;
+        let Copy { exchange, routing_key, properties, outcome, unroutable } = copy;
         if let Outcome::Parked(reason) = outcome {
             span.record("payment.park_reason", reason.as_str());
         }
@@ -282,17 +285,22 @@ impl Handler {
             }
             Err(e) if e.is_channel_failure() => Ok(Outcome::Abandoned),
             Err(e) => {
-                if matches!(refused, Class::ParkRefused | Class::DeferRefused) {
+                let nacked = matches!(e, PublishError::Nacked);
+                let class = if nacked { Class::CopyRefused } else { unroutable };
+                if class == Class::CopyRefused {
                     error!(
                         outcome = "requeued",
                         error = %e,
                         "the broker refused the replacement; handing the message back",
                     );
                 }
-                Err(Failure::new(
-                    refused,
-                    format!("{}; the {} copy was refused: {e}", failed.error, outcome.as_str()),
-                ))
+                Err(Failure {
+                    nacked,
+                    ..Failure::new(
+                        class,
+                        format!("{}; the {} copy was refused: {e}", failed.error, outcome.as_str()),
+                    )
+                })
             }
         }
     }

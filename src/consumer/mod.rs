@@ -10,7 +10,9 @@
 //!   the failure was the broker nacking the event, the session then starts over;
 //! * **parked**: a permanent failure or the last attempt; a copy is confirmed into the parking
 //!   queue, the command is acked;
-//! * **requeued**: not even the parked copy was accepted; the command is nacked back;
+//! * **requeued**: the broker would not take the copy (it nacked it, or not even the parked
+//!   copy was routable); the command is nacked back after a pause, and after a nack the
+//!   session starts over;
 //! * **deferred**: Stripe was failing or rate-limiting, or the circuit was open; a copy with
 //!   the attempt count unchanged is confirmed back to the work queue (through the first wait
 //!   queue when its own call failed), the command is acked;
@@ -113,9 +115,9 @@ pub enum SessionError {
     /// A publish found its channel broken.
     #[error("a channel failed while publishing")]
     PublishChannel,
-    /// The broker nacked a result event: the session starts over on a new channel.
-    #[error("the broker refused an event; starting over on a new channel")]
-    EventRefused,
+    /// The broker nacked a result event or a copy: the session starts over on a new channel.
+    #[error("the broker refused a publish; starting over on a new channel")]
+    Nacked,
     /// The broker cancelled the consumer (the work queue was deleted, or the node is going
     /// down).
     #[error("the broker cancelled the consumer on {queue}")]

@@ -92,7 +92,7 @@ impl Worker {
             wait_budget: self.settings.wait_budget,
             publisher,
             connection_failed: connection_failed.clone(),
-            event_refused: CancellationToken::new(),
+            nacked: CancellationToken::new(),
         });
         Tasks { handler, set: JoinSet::new(), in_flight: HashMap::new() }
     }
@@ -177,7 +177,7 @@ impl Worker {
         connection_failed: &CancellationToken,
     ) -> Option<SessionError> {
         let mut circuit = self.gateway.circuit();
-        let event_refused = tasks.handler.event_refused.clone();
+        let nacked = tasks.handler.nacked.clone();
         // The task handling the message fetched to probe Stripe, while it runs.
         let mut probe = None;
         loop {
@@ -191,8 +191,8 @@ impl Worker {
                 () = connection_failed.cancelled() => {
                     return Some(SessionError::PublishChannel);
                 }
-                () = event_refused.cancelled() => {
-                    return Some(SessionError::EventRefused);
+                () = nacked.cancelled() => {
+                    return Some(SessionError::Nacked);
                 }
                 Some(id) = tasks.join_next(), if !tasks.set.is_empty() => {
                     if probe == Some(id) {

@@ -9,8 +9,8 @@
 //! | a Stripe-wide failure in a brownout or outage, or as the circuit opens | defer for the first retry delay: through its wait queue, no attempt spent |
 //! | a 429 | defer for the first retry delay |
 //! | the circuit is open (no call made) | defer: back to the work queue at once, no attempt spent |
-//! | the retry copy was refused (after the wait queue was declared again) | park as `retry_unroutable` |
-//! | the parked or deferred copy was refused | requeue (nack) after a pause |
+//! | the retry copy was returned unroutable (after the wait queue was declared again) | park as `retry_unroutable` |
+//! | a copy was nacked, or the parked or deferred copy returned | requeue (nack) after a pause |
 //! | the channel failed | abandon: the broker redelivers |
 //! | a deferral of a payment first seen longer ago than the wait budget | park as `stripe_unavailable` ([`within_budget`]) |
 //!
@@ -41,12 +41,11 @@ pub enum Class {
     RateLimited,
     /// The circuit breaker is open: Stripe was not called.
     CircuitOpen,
-    /// The broker refused the retry copy.
-    RetryRefused,
-    /// The broker refused the parked copy.
-    ParkRefused,
-    /// The broker refused the deferred copy.
-    DeferRefused,
+    /// The retry copy came back unroutable, even after its wait queue was declared again.
+    RetryUnroutable,
+    /// The broker did not take a copy: it nacked it (a quorum queue without a leader, a
+    /// queue at its limit), or the parked or deferred copy came back unroutable.
+    CopyRefused,
     /// The channel or connection failed: nothing more can be published or acked.
     Channel,
 }
@@ -87,8 +86,8 @@ pub fn decide(attempt: u32, failure: Option<Class>, delays: &[Delay]) -> Action 
             delays.first().map_or(Action::Defer, |first| Action::DeferFor(first.clone()))
         }
         Class::CircuitOpen => Action::Defer,
-        Class::RetryRefused => Action::Park(ParkReason::RetryUnroutable),
-        Class::ParkRefused | Class::DeferRefused => Action::Requeue,
+        Class::RetryUnroutable => Action::Park(ParkReason::RetryUnroutable),
+        Class::CopyRefused => Action::Requeue,
         Class::Channel => Action::Abandon,
     }
 }
@@ -170,9 +169,8 @@ mod tests {
             (4, Some(Class::RateLimited), DeferFor(delay("1s"))),
             (1, Some(Class::CircuitOpen), Defer),
             (4, Some(Class::CircuitOpen), Defer),
-            (1, Some(Class::RetryRefused), Park(RetryUnroutable)),
-            (1, Some(Class::ParkRefused), Requeue),
-            (1, Some(Class::DeferRefused), Requeue),
+            (1, Some(Class::RetryUnroutable), Park(RetryUnroutable)),
+            (2, Some(Class::CopyRefused), Requeue),
             (1, Some(Class::Channel), Abandon),
             (4, Some(Class::Channel), Abandon),
         ];

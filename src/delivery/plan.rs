@@ -18,14 +18,15 @@ pub enum Plan<'t> {
 }
 
 /// A replacement copy: its destination, its properties (the body is the original's, byte for
-/// byte), the outcome once it is confirmed, and the failure class if the broker refuses it.
+/// byte), the outcome once it is confirmed, and the failure class if the broker returns it
+/// unroutable (a nack is always [`Class::CopyRefused`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Copy<'t> {
     pub exchange: &'t str,
     pub routing_key: &'t str,
     pub properties: BasicProperties,
     pub outcome: Outcome,
-    pub refused: Class,
+    pub unroutable: Class,
 }
 
 impl Copy<'_> {
@@ -46,8 +47,8 @@ pub fn plan<'a>(
     original: &BasicProperties,
     topology: &'a Topology,
 ) -> Plan<'a> {
-    let copy = |exchange, routing_key, properties, outcome, refused| {
-        Plan::Publish(Box::new(Copy { exchange, routing_key, properties, outcome, refused }))
+    let copy = |exchange, routing_key, properties, outcome, unroutable| {
+        Plan::Publish(Box::new(Copy { exchange, routing_key, properties, outcome, unroutable }))
     };
     match action {
         Action::Ack => Plan::Settle(Outcome::Succeeded),
@@ -58,28 +59,28 @@ pub fn plan<'a>(
             delay.label(),
             failed.retry_properties(original, delay.label(), delay.millis()),
             Outcome::Retried,
-            Class::RetryRefused,
+            Class::RetryUnroutable,
         ),
         Action::Park(reason) => copy(
             "",
             topology.parking.queue.as_str(),
             failed.parked_properties(original, *reason),
             Outcome::Parked(*reason),
-            Class::ParkRefused,
+            Class::CopyRefused,
         ),
         Action::Defer => copy(
             "",
             topology.work_queue.name.as_str(),
             failed.deferred_properties(original),
             Outcome::Deferred,
-            Class::DeferRefused,
+            Class::CopyRefused,
         ),
         Action::DeferFor(delay) => copy(
             topology.retry.exchange.as_str(),
             delay.label(),
             failed.deferred_properties(original).with_expiration(delay.millis().to_string().into()),
             Outcome::Deferred,
-            Class::DeferRefused,
+            Class::CopyRefused,
         ),
     }
 }
@@ -124,8 +125,8 @@ mod tests {
         let retry = Action::Retry(second.clone());
         let retried = copy(&retry, &failed, &original, &topology);
         assert_eq!(
-            (retried.exchange, retried.routing_key, retried.outcome, retried.refused),
-            (topology.retry.exchange.as_str(), "2s", Outcome::Retried, Class::RetryRefused)
+            (retried.exchange, retried.routing_key, retried.outcome, retried.unroutable),
+            (topology.retry.exchange.as_str(), "2s", Outcome::Retried, Class::RetryUnroutable)
         );
         assert_eq!(retried.properties.expiration().as_ref().unwrap().as_str(), "2000");
         assert_eq!(header(&retried.properties, ATTEMPT), Some(AMQPValue::LongLongInt(2)));
@@ -134,8 +135,8 @@ mod tests {
         let park = Action::Park(ParkReason::RetriesExhausted);
         let parked = copy(&park, &failed, &original, &topology);
         assert_eq!(
-            (parked.exchange, parked.routing_key, parked.refused),
-            ("", topology.parking.queue.as_str(), Class::ParkRefused)
+            (parked.exchange, parked.routing_key, parked.unroutable),
+            ("", topology.parking.queue.as_str(), Class::CopyRefused)
         );
         assert_eq!(parked.outcome, Outcome::Parked(ParkReason::RetriesExhausted));
         assert!(matches!(header(&parked.properties, PARK_REASON), Some(AMQPValue::LongString(r))
@@ -145,8 +146,8 @@ mod tests {
         // A deferral spends no attempt: the count the message came with travels on.
         let deferred = copy(&Action::Defer, &failed, &original, &topology);
         assert_eq!(
-            (deferred.exchange, deferred.routing_key, deferred.outcome, deferred.refused),
-            ("", topology.work_queue.name.as_str(), Outcome::Deferred, Class::DeferRefused)
+            (deferred.exchange, deferred.routing_key, deferred.outcome, deferred.unroutable),
+            ("", topology.work_queue.name.as_str(), Outcome::Deferred, Class::CopyRefused)
         );
         assert_eq!(header(&deferred.properties, ATTEMPT), Some(AMQPValue::LongLongInt(1)));
         assert_eq!(header(&deferred.properties, DEFERRALS), Some(AMQPValue::LongLongInt(1)));

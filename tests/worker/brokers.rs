@@ -1,13 +1,13 @@
 //! Reaching the broker: several URIs (a cluster's nodes), secrets read from files, a broker
-//! that refuses the result event.
+//! that refuses the result event or a retry copy.
 
 use std::time::{Duration, Instant};
 
 use testkit::amqp::command;
 use testkit::http_get;
-use testkit::stripe::SECRET_KEY;
+use testkit::stripe::{Behaviour, SECRET_KEY};
 
-use testkit::world::{EVENTS, PARKED, World, metric, wait_ready};
+use testkit::world::{EVENTS, PARKED, WAIT_QUEUES, World, metric, wait_ready};
 
 #[tokio::test]
 async fn a_node_that_refuses_or_hangs_is_passed_over_at_once() {
@@ -132,5 +132,39 @@ async fn a_refused_event_spends_an_attempt_and_starts_a_new_session() {
     wait_ready(worker.http).await;
     world.client.send_command(&command("accepted", "u", 100.0, "USD")).await;
     assert_eq!(world.client.take(EVENTS, 1, Duration::from_secs(10)).await.len(), 1);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_nacked_retry_copy_is_handed_back_not_parked() {
+    let world = World::new("nacked-retry").await;
+    let worker = world.start_worker(&[]).await;
+    // The first wait queue refuses everything, as a quorum queue does while it has no
+    // leader: the broker nacks the retry copy of a payment whose first call failed.
+    let vhost = world.vhost.name();
+    let policy = r#"{"max-length":0,"overflow":"reject-publish"}"#;
+    let queues = ["--apply-to", "queues"];
+    testkit::vhost::rabbitmqctl(
+        &[
+            &["set_policy", "-p", vhost, "refuse", &format!("^{}$", WAIT_QUEUES[0]), policy],
+            &queues[..],
+        ]
+        .concat(),
+    );
+    world.stripe.script("held", [Behaviour::unavailable()]);
+    world.client.send_command(&command("held", "u", 100.0, "USD")).await;
+
+    // The delivery goes back to the work queue, comes round on a new session, and its next
+    // call succeeds: a broker that could not take the copy costs the payment nothing.
+    let events = world.client.take(EVENTS, 1, Duration::from_secs(20)).await;
+    assert_eq!(events.len(), 1, "the payment went through once the call succeeded");
+    assert!(
+        world.client.take(PARKED, 1, Duration::from_secs(1)).await.is_empty(),
+        "nothing parked"
+    );
+    assert_eq!(world.stripe.created_for("held").len(), 1, "one session");
+    let restarts = metric(worker.http, "payment_worker_channel_errors_total").await;
+    assert!(restarts >= 1.0, "a new session after the nacked copy: {restarts}");
+    testkit::vhost::rabbitmqctl(&["clear_policy", "-p", vhost, "refuse"]);
     worker.stop().await.unwrap();
 }
