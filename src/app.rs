@@ -60,11 +60,7 @@ impl App {
     pub async fn build(global: &GlobalArgs, args: &RunArgs) -> Result<Self, StartError> {
         let broker = global.broker()?;
         let topology = Arc::new(global.load_topology()?);
-        let metrics = Arc::new(Metrics::new(&Program {
-            stripe_api_version: &crate::stripe::api_version(),
-            counters: &[EXPORT_FAILURES.clone(), SPANS_DROPPED.clone()],
-            publish_failure_kinds: &PublishError::KINDS,
-        }));
+        let metrics = program_metrics();
         let (gateway, livemode) = gateway(args, &metrics)?;
         let webhook_secrets = args.webhook_secrets()?;
         let listener = TcpListener::bind(args.http_addr)
@@ -75,13 +71,7 @@ impl App {
         let pool = broker.pool("payment-worker", 3);
         info!(broker = %broker.describe(), profile = %topology.profile, http_addr = %args.http_addr, "starting");
         warn_without_failover(&broker, &topology);
-        let settings = WorkerSettings {
-            prefetch: args.prefetch,
-            shutdown_grace: args.shutdown_grace,
-            reconnect: args.reconnect_policy(),
-            urls: args.checkout_urls(),
-            wait_budget: args.stripe_wait_budget()?,
-        };
+        let settings = worker_settings(args)?;
         let ledger = Arc::new(Ledger::new(&topology.success.ledger, Some(metrics.clone())));
         let webhook = Arc::new(Webhook::new(
             WebhookSettings {
@@ -214,6 +204,27 @@ async fn poll_queue_depths(
         }
         let _ = channel.close(200, "depths read".into()).await;
     }
+}
+
+/// The worker's metrics, with the program's own series (its Stripe API version, the
+/// telemetry counters, every publish failure kind at zero).
+fn program_metrics() -> Arc<Metrics> {
+    Arc::new(Metrics::new(&Program {
+        stripe_api_version: &crate::stripe::api_version(),
+        counters: &[EXPORT_FAILURES.clone(), SPANS_DROPPED.clone()],
+        publish_failure_kinds: &PublishError::KINDS,
+    }))
+}
+
+/// The consumer's settings from the run's.
+fn worker_settings(args: &RunArgs) -> Result<WorkerSettings, StartError> {
+    Ok(WorkerSettings {
+        prefetch: args.prefetch,
+        shutdown_grace: args.shutdown_grace,
+        reconnect: args.reconnect_policy(),
+        urls: args.checkout_urls(),
+        wait_budget: args.stripe_wait_budget()?,
+    })
 }
 
 /// The Stripe gateway the settings ask for, behind flow control (or mock mode without a key),

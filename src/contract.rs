@@ -107,6 +107,58 @@ pub struct CreateSession {
     pub package_slug: Option<String>,
 }
 
+/// A string field of the payload, as Go's `encoding/json` would read it.
+fn string_field(
+    payload: &Map<String, Value>,
+    field: &'static str,
+) -> Result<String, InvalidMessage> {
+    go_string(payload, field).map_err(|problem| InvalidMessage::Payload { field, problem })
+}
+
+/// A string that reaches Stripe's metadata, a header or a log line: no control characters,
+/// and no longer than Stripe takes.
+fn text_field(payload: &Map<String, Value>, field: &'static str) -> Result<String, InvalidMessage> {
+    let value = string_field(payload, field)?;
+    let problem = if value.chars().any(char::is_control) {
+        "contains a control character".to_owned()
+    } else if value.chars().count() > MAX_METADATA_LEN {
+        format!("longer than Stripe's {MAX_METADATA_LEN} characters for metadata")
+    } else {
+        return Ok(value);
+    };
+    Err(InvalidMessage::Payload { field, problem })
+}
+
+/// An id: text that is not blank and at most [`MAX_ID_LEN`] bytes.
+fn id_field(payload: &Map<String, Value>, field: &'static str) -> Result<String, InvalidMessage> {
+    let value = text_field(payload, field)?;
+    let problem = if value.trim().is_empty() {
+        "empty".to_owned()
+    } else if value.len() > MAX_ID_LEN {
+        format!("longer than {MAX_ID_LEN} bytes")
+    } else {
+        return Ok(value);
+    };
+    Err(InvalidMessage::Payload { field, problem })
+}
+
+/// The amount: a JSON number (the contract's float), in minor units.
+fn amount_field(payload: &Map<String, Value>) -> Result<MinorUnits, InvalidMessage> {
+    let amount = match go_field(payload, "amount") {
+        None | Some(Value::Null) => return Err(InvalidMessage::Amount(MoneyError::NotFinite)),
+        Some(Value::Number(n)) => {
+            n.as_f64().ok_or(InvalidMessage::Amount(MoneyError::NotFinite))?
+        }
+        Some(other) => {
+            return Err(InvalidMessage::Payload {
+                field: "amount",
+                problem: format!("expected a number, found {}", json_type(other)),
+            });
+        }
+    };
+    MinorUnits::from_wire(amount).map_err(InvalidMessage::Amount)
+}
+
 impl CreateSession {
     /// Decodes a whole message body.
     ///
@@ -118,56 +170,13 @@ impl CreateSession {
             field: "data",
             problem: format!("inner payload is not a JSON object: {problem}"),
         })?;
-        let string = |field: &'static str| {
-            go_string(&payload, field).map_err(|problem| InvalidMessage::Payload { field, problem })
-        };
-        // Every string that reaches Stripe's metadata, a header or a log line: no control
-        // characters, and no longer than Stripe takes.
-        let text = |field: &'static str| {
-            let value = string(field)?;
-            let problem = if value.chars().any(char::is_control) {
-                Some("contains a control character".to_owned())
-            } else if value.chars().count() > MAX_METADATA_LEN {
-                Some(format!("longer than Stripe's {MAX_METADATA_LEN} characters for metadata"))
-            } else {
-                None
-            };
-            match problem {
-                Some(problem) => Err(InvalidMessage::Payload { field, problem }),
-                None => Ok(value),
-            }
-        };
-        let id = |field: &'static str| {
-            let value = text(field)?;
-            if value.trim().is_empty() {
-                Err(InvalidMessage::Payload { field, problem: "empty".into() })
-            } else if value.len() > MAX_ID_LEN {
-                Err(InvalidMessage::Payload {
-                    field,
-                    problem: format!("longer than {MAX_ID_LEN} bytes"),
-                })
-            } else {
-                Ok(value)
-            }
-        };
-        let trip_id = id("tripID")?;
-        let user_id = id("userID")?;
-        let driver_id = text("driverID")?;
-        let amount = match go_field(&payload, "amount") {
-            None | Some(Value::Null) => return Err(InvalidMessage::Amount(MoneyError::NotFinite)),
-            Some(Value::Number(n)) => {
-                n.as_f64().ok_or(InvalidMessage::Amount(MoneyError::NotFinite))?
-            }
-            Some(other) => {
-                return Err(InvalidMessage::Payload {
-                    field: "amount",
-                    problem: format!("expected a number, found {}", json_type(other)),
-                });
-            }
-        };
-        let amount = MinorUnits::from_wire(amount).map_err(InvalidMessage::Amount)?;
-        let currency = string("currency")?.parse().map_err(InvalidMessage::Currency)?;
-        let package_slug = Some(text("packageSlug")?).filter(|s| !s.is_empty());
+        let trip_id = id_field(&payload, "tripID")?;
+        let user_id = id_field(&payload, "userID")?;
+        let driver_id = text_field(&payload, "driverID")?;
+        let amount = amount_field(&payload)?;
+        let currency =
+            string_field(&payload, "currency")?.parse().map_err(InvalidMessage::Currency)?;
+        let package_slug = Some(text_field(&payload, "packageSlug")?).filter(|s| !s.is_empty());
         let owner_id =
             if envelope.owner_id.is_empty() { user_id.clone() } else { envelope.owner_id };
         Ok(Self { owner_id, trip_id, user_id, driver_id, amount, currency, package_slug })

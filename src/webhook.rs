@@ -245,22 +245,7 @@ pub fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
         );
         return Err(Reply::Unpaid);
     }
-    let amount_cents = object["amount_total"].as_i64().unwrap_or(0);
-    if amount_cents < 0 {
-        return Err(Reply::InvalidPayload);
-    }
-    let metadata = |key: &str| object["metadata"][key].as_str().unwrap_or_default().to_owned();
-    let success = PaymentSucceeded {
-        trip_id: metadata("trip_id"),
-        user_id: metadata("user_id"),
-        driver_id: metadata("driver_id"),
-        amount_cents,
-        currency: object["currency"].as_str().filter(|c| !c.is_empty()).unwrap_or("usd").to_owned(),
-        region: Some(metadata("region"))
-            .filter(|r| !r.is_empty())
-            .unwrap_or_else(|| "unspecified".into()),
-        package_slug: metadata("package_slug"),
-    };
+    let success = paid_session(object)?;
     if success.trip_id.is_empty() || success.user_id.is_empty() {
         warn!(
             event_id,
@@ -270,6 +255,27 @@ pub fn read_event(body: &[u8]) -> Result<PaidSession, Reply> {
         return Err(Reply::MissingMetadata);
     }
     Ok(PaidSession { event_id, success })
+}
+
+/// The success event a paid Checkout Session `object` calls for, read leniently: what its
+/// metadata lacks is empty, a currency defaults to `usd` and a region to `unspecified`.
+fn paid_session(object: &Value) -> Result<PaymentSucceeded, Reply> {
+    let amount_cents = object["amount_total"].as_i64().unwrap_or(0);
+    if amount_cents < 0 {
+        return Err(Reply::InvalidPayload);
+    }
+    let metadata = |key: &str| object["metadata"][key].as_str().unwrap_or_default().to_owned();
+    Ok(PaymentSucceeded {
+        trip_id: metadata("trip_id"),
+        user_id: metadata("user_id"),
+        driver_id: metadata("driver_id"),
+        amount_cents,
+        currency: object["currency"].as_str().filter(|c| !c.is_empty()).unwrap_or("usd").to_owned(),
+        region: Some(metadata("region"))
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "unspecified".into()),
+        package_slug: metadata("package_slug"),
+    })
 }
 
 impl Webhook {

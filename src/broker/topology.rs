@@ -230,71 +230,87 @@ impl Topology {
     fn validate(&self) -> Result<(), TopologyError> {
         let invalid =
             |message: String| TopologyError::Invalid { profile: self.profile.clone(), message };
+        self.check_schedule()
+            .and_then(|()| self.check_names())
+            .and_then(|()| self.check_work_queue())
+            .and_then(|()| self.check_success())
+            .map_err(invalid)
+    }
+
+    /// The retry schedule: at least one delay, none twice, inside the idempotency window.
+    fn check_schedule(&self) -> Result<(), String> {
         if self.retry.delays.is_empty() {
-            return Err(invalid("retry.delays is empty: list at least one delay".into()));
+            return Err("retry.delays is empty: list at least one delay".into());
         }
         let mut labels = BTreeSet::new();
         for delay in &self.retry.delays {
             if !labels.insert(delay.label()) {
-                return Err(invalid(format!("retry delay {:?} is listed twice", delay.label())));
+                return Err(format!("retry delay {:?} is listed twice", delay.label()));
             }
         }
         let total: Duration = self.retry.delays.iter().map(Delay::duration).sum();
         if total > MAX_RETRY_SCHEDULE {
-            return Err(invalid(format!(
+            return Err(format!(
                 "retry.delays add up to {}, more than {}: Stripe may forget a trip's \
                  idempotency key after 24 hours, and a later retry would create a second session",
                 humantime::format_duration(total),
                 humantime::format_duration(MAX_RETRY_SCHEDULE)
-            )));
+            ));
         }
+        Ok(())
+    }
+
+    /// Every queue and exchange the plan declares has a name the broker takes, once.
+    fn check_names(&self) -> Result<(), String> {
         let plan = self.plan();
         let mut names = BTreeSet::new();
         for queue in &plan.queues {
             if queue.name.is_empty() || queue.name.len() > 255 {
-                return Err(invalid(format!("queue name {:?} must be 1 to 255 bytes", queue.name)));
+                return Err(format!("queue name {:?} must be 1 to 255 bytes", queue.name));
             }
             if !names.insert(&queue.name) {
-                return Err(invalid(format!("queue {:?} is named twice", queue.name)));
+                return Err(format!("queue {:?} is named twice", queue.name));
             }
         }
         for exchange in &plan.exchanges {
             if exchange.name.is_empty() || exchange.name.starts_with("amq.") {
-                return Err(invalid(format!(
+                return Err(format!(
                     "exchange name {:?} must be non-empty and not start with amq.",
                     exchange.name
-                )));
-            }
-        }
-        match (self.work_queue.delivery_limit, self.work_queue.queue_type) {
-            (Some(0), _) => {
-                return Err(invalid("work_queue.delivery_limit must be at least 1".into()));
-            }
-            (Some(_), QueueType::Classic) => {
-                return Err(invalid(
-                    "work_queue.delivery_limit needs queue_type = \"quorum\": classic queues \
-                     refuse x-delivery-limit"
-                        .into(),
                 ));
             }
-            _ => {}
         }
+        if self.parking.queue == "dead_letter_queue" {
+            return Err("parking.queue must not be the trip system's dead_letter_queue: its \
+                        consumer drops payment messages"
+                .into());
+        }
+        Ok(())
+    }
+
+    /// A delivery limit is at least 1, and only on a quorum work queue.
+    fn check_work_queue(&self) -> Result<(), String> {
+        match (self.work_queue.delivery_limit, self.work_queue.queue_type) {
+            (Some(0), _) => Err("work_queue.delivery_limit must be at least 1".into()),
+            (Some(_), QueueType::Classic) => Err("work_queue.delivery_limit needs queue_type = \
+                                                  \"quorum\": classic queues refuse \
+                                                  x-delivery-limit"
+                .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The ledger's age is one RabbitMQ takes.
+    fn check_success(&self) -> Result<(), String> {
         let age = &self.success.ledger_max_age;
         let (digits, unit) = age.split_at(age.len().saturating_sub(1));
         if digits.is_empty()
             || !digits.bytes().all(|b| b.is_ascii_digit())
             || !matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s")
         {
-            return Err(invalid(format!(
+            return Err(format!(
                 "success.ledger_max_age {age:?} is not a RabbitMQ age: a number and one of \
                  Y, M, D, h, m, s (\"31D\")"
-            )));
-        }
-        if self.parking.queue == "dead_letter_queue" {
-            return Err(invalid(
-                "parking.queue must not be the trip system's dead_letter_queue: its consumer \
-                 drops payment messages"
-                    .into(),
             ));
         }
         Ok(())
@@ -332,19 +348,7 @@ impl Topology {
         ];
         let work_queue = match self.work_queue.delivery_limit {
             None => contract_queue(&self.work_queue.name),
-            Some(limit) => QueueDecl {
-                name: self.work_queue.name.clone(),
-                arguments: with_type(
-                    self.work_queue.queue_type,
-                    vec![
-                        ("x-delivery-limit", Arg::Int(i64::from(limit))),
-                        ("x-dead-letter-exchange", Arg::Str(String::new())),
-                        ("x-dead-letter-routing-key", Arg::Str(self.parking.queue.clone())),
-                        ("x-dead-letter-strategy", Arg::Str("at-least-once".into())),
-                        ("x-overflow", Arg::Str("reject-publish".into())),
-                    ],
-                ),
-            },
+            Some(limit) => self.limited_work_queue(limit),
         };
         let mut queues = vec![work_queue];
         let mut bindings = vec![BindingDecl {
@@ -369,26 +373,53 @@ impl Topology {
                 routing_key: event_queue.routing_key.clone(),
             });
         }
-        queues.push(QueueDecl {
+        let (outbox, ledger, ledger_binding) = self.success_plan();
+        queues.extend([outbox, ledger]);
+        bindings.push(ledger_binding);
+        Plan { exchanges, queues, bindings }
+    }
+
+    /// A quorum work queue with a delivery limit: past it, a command dead-letters into the
+    /// parking queue, at least once.
+    fn limited_work_queue(&self, limit: u32) -> QueueDecl {
+        QueueDecl {
+            name: self.work_queue.name.clone(),
+            arguments: with_type(
+                self.work_queue.queue_type,
+                vec![
+                    ("x-delivery-limit", Arg::Int(i64::from(limit))),
+                    ("x-dead-letter-exchange", Arg::Str(String::new())),
+                    ("x-dead-letter-routing-key", Arg::Str(self.parking.queue.clone())),
+                    ("x-dead-letter-strategy", Arg::Str("at-least-once".into())),
+                    ("x-overflow", Arg::Str("reject-publish".into())),
+                ],
+            ),
+        }
+    }
+
+    /// The success path's outbox (one active consumer), its ledger stream and the ledger's
+    /// binding to the success events.
+    fn success_plan(&self) -> (QueueDecl, QueueDecl, BindingDecl) {
+        let outbox = QueueDecl {
             name: self.success.outbox.clone(),
             arguments: with_type(
                 self.success.outbox_queue_type,
                 vec![("x-single-active-consumer", Arg::Bool(true))],
             ),
-        });
-        queues.push(QueueDecl {
+        };
+        let ledger = QueueDecl {
             name: self.success.ledger.clone(),
             arguments: vec![
                 ("x-max-age".to_owned(), Arg::Str(self.success.ledger_max_age.clone())),
                 ("x-queue-type".to_owned(), Arg::Str("stream".into())),
             ],
-        });
-        bindings.push(BindingDecl {
+        };
+        let binding = BindingDecl {
             exchange: self.exchanges.trip.clone(),
             queue: self.success.ledger.clone(),
             routing_key: self.routing_keys.payment_success.clone(),
-        });
-        Plan { exchanges, queues, bindings }
+        };
+        (outbox, ledger, binding)
     }
 
     /// The wait queue of one delay and its binding to the retry exchange.

@@ -452,7 +452,7 @@ mod tests {
         assert_eq!(call_failure(CallError::CircuitOpen).class, Class::CircuitOpen);
         for spread in [Isolated, Widespread] {
             let wide = Class::StripeWide(spread);
-            assert_eq!(class(StripeError::Transport("reset".into()), spread), wide);
+            assert_eq!(class(StripeError::transport("reset"), spread), wide);
             assert_eq!(class(StripeError::Timeout(Duration::from_secs(10)), spread), wide);
             assert_eq!(class(api(503, None, false, "api_error"), spread), wide);
             assert_eq!(class(api(500, Some(true), false, "api_error"), spread), wide);

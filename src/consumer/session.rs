@@ -204,29 +204,46 @@ impl Worker {
                         return Some(cause);
                     }
                 }
-                next = intake.next(), if intake.has_consumer() => match next {
-                    Some(Ok(delivery)) => {
-                        tasks.spawn(delivery);
+                next = intake.next(), if intake.has_consumer() => {
+                    let state = circuit.as_ref().map(|c| *c.borrow());
+                    if let Err(cause) = self.take(channel, intake, tasks, next, state).await {
+                        return Some(cause);
                     }
-                    Some(Err(e)) => return Some(SessionError::broker("consumer")(e)),
-                    None if matches!(intake, Intake::Draining(_)) => {
-                        *intake = Intake::Paused { since: Instant::now() };
-                        let state = circuit.as_ref().map(|c| *c.borrow());
-                        if let Err(cause) = self.steer(channel, intake, state).await {
-                            return Some(cause);
-                        }
-                    }
-                    None => {
-                        let queue = self.topology.work_queue.name.clone();
-                        return Some(SessionError::ConsumerCancelled { queue });
-                    }
-                },
+                }
                 () = sleep_until(probe_at), if probe_at.is_some() => {
                     match self.probe(channel, intake, tasks).await {
                         Ok(task) => probe = task,
                         Err(cause) => return Some(cause),
                     }
                 }
+            }
+        }
+    }
+
+    /// Hands the consumer's `next` delivery to a task. A consumer drained after its
+    /// cancellation pauses the intake and follows the `circuit` again; any other end of the
+    /// consumer ends the session.
+    async fn take(
+        &self,
+        channel: &Channel,
+        intake: &mut Intake,
+        tasks: &mut Tasks,
+        next: Option<Result<Delivery, lapin::Error>>,
+        circuit: Option<State>,
+    ) -> Result<(), SessionError> {
+        match next {
+            Some(Ok(delivery)) => {
+                tasks.spawn(delivery);
+                Ok(())
+            }
+            Some(Err(e)) => Err(SessionError::broker("consumer")(e)),
+            None if matches!(intake, Intake::Draining(_)) => {
+                *intake = Intake::Paused { since: Instant::now() };
+                self.steer(channel, intake, circuit).await
+            }
+            None => {
+                let queue = self.topology.work_queue.name.clone();
+                Err(SessionError::ConsumerCancelled { queue })
             }
         }
     }

@@ -118,22 +118,7 @@ impl ParkedCommand {
     /// # Errors
     /// When the selection is empty, the profile cannot be loaded, or the broker fails.
     pub async fn exec(self, global: &GlobalArgs) -> Result<ExitCode, OpsError> {
-        let (action, filter, dry_run, json) = match self {
-            Self::List { limit, json } => (
-                Operation::List,
-                Filter { all: true, limit: Some(limit), ..Filter::default() },
-                true,
-                json,
-            ),
-            Self::Replay { mut filter, dry_run, json, allow_new_session } => {
-                if !allow_new_session {
-                    let window = REPLAY_WINDOW.as_millis() as u64;
-                    filter.arrived_after_ms = Some(copies::now_ms().saturating_sub(window));
-                }
-                (Operation::Replay, filter, dry_run, json)
-            }
-            Self::Purge { filter, yes, json } => (Operation::Purge, filter, !yes, json),
-        };
+        let (action, filter, dry_run, json) = self.selection();
         filter.validate()?;
         let topology = global.load_topology()?;
         let connection = connect(global).await?;
@@ -155,31 +140,64 @@ impl ParkedCommand {
         })
         .await;
         close(connection).await;
-        let Walked { taken: count, present, refused } = walked?;
-        for entry in &refused {
-            eprintln!(
-                "refused {}: it first arrived more than {} h ago; Stripe may have forgotten the \
-                 trip's idempotency key, so a replay could create a second session for a trip \
-                 the rider may have paid. Check the trip in Stripe, then replay it with \
-                 --allow-new-session",
-                entry.line(),
-                REPLAY_WINDOW.as_secs() / 3600,
-            );
-        }
-        if !json {
-            eprintln!("{count} message(s) {verb}");
-            if action == Operation::List && count < present {
-                eprintln!("{} more parked, not shown: raise --limit", present - count);
+        Ok(summarize(&walked?, action, verb, dry_run, json))
+    }
+
+    /// What the command does, to which messages, whether only as a dry run, and as JSON.
+    fn selection(self) -> (Operation, Filter, bool, bool) {
+        match self {
+            Self::List { limit, json } => (
+                Operation::List,
+                Filter { all: true, limit: Some(limit), ..Filter::default() },
+                true,
+                json,
+            ),
+            Self::Replay { mut filter, dry_run, json, allow_new_session } => {
+                if !allow_new_session {
+                    let window = REPLAY_WINDOW.as_millis() as u64;
+                    filter.arrived_after_ms = Some(copies::now_ms().saturating_sub(window));
+                }
+                (Operation::Replay, filter, dry_run, json)
             }
-            if action == Operation::Purge && dry_run && count > 0 {
-                eprintln!("nothing removed: add --yes to purge them");
-            }
+            Self::Purge { filter, yes, json } => (Operation::Purge, filter, !yes, json),
         }
-        if !refused.is_empty() {
-            eprintln!("{} message(s) refused, still parked", refused.len());
-            return Ok(ExitCode::FAILURE);
+    }
+}
+
+/// Tells what a walk did (on stderr, beside the entries on stdout) and what it exits with:
+/// failure when a replay refused any message.
+fn summarize(
+    walked: &Walked,
+    action: Operation,
+    verb: &str,
+    dry_run: bool,
+    json: bool,
+) -> ExitCode {
+    let Walked { taken: count, present, refused } = walked;
+    for entry in refused {
+        eprintln!(
+            "refused {}: it first arrived more than {} h ago; Stripe may have forgotten the \
+             trip's idempotency key, so a replay could create a second session for a trip \
+             the rider may have paid. Check the trip in Stripe, then replay it with \
+             --allow-new-session",
+            entry.line(),
+            REPLAY_WINDOW.as_secs() / 3600,
+        );
+    }
+    if !json {
+        eprintln!("{count} message(s) {verb}");
+        if action == Operation::List && count < present {
+            eprintln!("{} more parked, not shown: raise --limit", present - count);
         }
-        Ok(ExitCode::SUCCESS)
+        if action == Operation::Purge && dry_run && *count > 0 {
+            eprintln!("nothing removed: add --yes to purge them");
+        }
+    }
+    if refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} message(s) refused, still parked", refused.len());
+        ExitCode::FAILURE
     }
 }
 
@@ -322,6 +340,7 @@ pub async fn walk_parked(
     let channel = channel(connection).await?;
     let present = parked_count(&channel, queue).await?;
     let rotate = topology.parking.queue_type == QueueType::Quorum;
+    // Replays publish, and so does a walk that keeps messages by rotating them.
     let publisher = if rotate || (action == Operation::Replay && !dry_run) {
         Some(bounded("opening a publish channel", Publisher::open(connection)).await?)
     } else {
@@ -338,32 +357,14 @@ pub async fn walk_parked(
         if full && !rotate {
             break;
         }
-        let got = bounded(
-            &reading,
-            channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }),
-        )
-        .await?;
-        let Some(message) = got else { break };
-        let delivery = message.delivery;
+        let Some(delivery) = fetch(&channel, queue, &reading).await? else { break };
         let entry = ParkedEntry::from_message(&delivery.data, &delivery.properties);
         let wanted = !full && (action == Operation::List || filter.matches(&entry));
         let refuse = wanted && action == Operation::Replay && filter.refuses(&entry);
         let take = wanted && !refuse;
-        let settle = if take && action != Operation::List && !dry_run {
-            if let Some(publisher) = publisher.as_ref().filter(|_| action == Operation::Replay) {
-                replay(publisher, topology, &delivery).await?;
-            }
-            true
-        } else if let Some(publisher) = publisher.as_ref().filter(|_| rotate) {
-            keep(publisher, queue, &delivery).await?;
-            true
-        } else {
+        let removes = take && action != Operation::List && !dry_run;
+        if !dispose(publisher.as_ref(), topology, action, removes, &delivery).await? {
             unsettled = Some(delivery.delivery_tag);
-            false
-        };
-        if settle {
-            let what = if take { "removing the parked copy" } else { "removing the kept copy" };
-            bounded(what, delivery.acker.ack(BasicAckOptions::default())).await?;
         }
         if take {
             taken += 1;
@@ -380,6 +381,43 @@ pub async fn walk_parked(
     }
     let _ = within("closing the channel", channel.close(200, "done".into())).await;
     Ok(Walked { taken, present: present as usize, refused })
+}
+
+/// The next message of `queue`, unsettled; `None` when it is empty.
+async fn fetch(
+    channel: &Channel,
+    queue: &str,
+    reading: &str,
+) -> Result<Option<lapin::message::Delivery>, OpsError> {
+    let get = channel.basic_get(queue.into(), BasicGetOptions { no_ack: false });
+    Ok(bounded(reading, get).await?.map(|message| message.delivery))
+}
+
+/// Settles one fetched message when it can: `removes` (a purge or replay takes it) replays
+/// it if the walk replays, then acks it; a message kept in a quorum parking queue is
+/// published again to its back, confirmed, then acked (see [`walk_parked`]). `false`: left
+/// unsettled, for the walk's closing nack to put back.
+async fn dispose(
+    publisher: Option<&Publisher>,
+    topology: &Topology,
+    action: Operation,
+    removes: bool,
+    delivery: &lapin::message::Delivery,
+) -> Result<bool, OpsError> {
+    let rotate = topology.parking.queue_type == QueueType::Quorum;
+    let what = if removes {
+        if let Some(publisher) = publisher.filter(|_| action == Operation::Replay) {
+            replay(publisher, topology, delivery).await?;
+        }
+        "removing the parked copy"
+    } else if let Some(publisher) = publisher.filter(|_| rotate) {
+        keep(publisher, &topology.parking.queue, delivery).await?;
+        "removing the kept copy"
+    } else {
+        return Ok(false);
+    };
+    bounded(what, delivery.acker.ack(BasicAckOptions::default())).await?;
+    Ok(true)
 }
 
 /// What a walk of the parking queue took, of how many present at its start, and what a

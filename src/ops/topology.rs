@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{OpsError, channel, close, connect, describe, print_json, within};
-use crate::broker::topology::Topology;
+use crate::broker::topology::{ExchangeDecl, QueueDecl, Topology};
 use crate::settings::broker::GlobalArgs;
 
 #[derive(Subcommand)]
@@ -206,46 +206,10 @@ pub async fn check(
     let plan = topology.plan();
     let mut lines = Vec::new();
     for exchange in &plan.exchanges {
-        let object = format!("exchange {}", exchange.name);
-        let channel = channel(connection).await?;
-        let declare = |options| {
-            channel.exchange_declare(
-                exchange.name.as_str().into(),
-                exchange.kind.lapin(),
-                options,
-                FieldTable::default(),
-            )
-        };
-        let what = format!("checking {object}");
-        let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
-        let probe = within(&what, declare(passive)).await?;
-        if let Some(missing) = absent(probe, &object)? {
-            lines.push(missing);
-            continue;
-        }
-        let active = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        let result = within(&what, declare(active)).await?;
-        lines.push(verdict(object, result.err(), format!("{} durable", exchange.kind))?);
-        let _ = within(&what, channel.close(200, "checked".into())).await;
+        lines.push(check_exchange(connection, exchange).await?);
     }
     for queue in &plan.queues {
-        let object = format!("queue {}", queue.name);
-        let channel = channel(connection).await?;
-        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        let what = format!("checking {object}");
-        let name = queue.name.as_str();
-        let probe =
-            within(&what, channel.queue_declare(name.into(), passive, FieldTable::default()))
-                .await?;
-        if let Some(missing) = absent(probe.map(|_| ()), &object)? {
-            lines.push(missing);
-            continue;
-        }
-        let active = QueueDeclareOptions { durable: true, ..Default::default() };
-        let result =
-            within(&what, channel.queue_declare(name.into(), active, queue.field_table())).await?;
-        lines.push(verdict(object, result.err(), queue.describe_arguments())?);
-        let _ = within(&what, channel.close(200, "checked".into())).await;
+        lines.push(check_queue(connection, queue).await?);
     }
     for binding in &plan.bindings {
         lines.push(CheckLine {
@@ -255,6 +219,54 @@ pub async fn check(
         });
     }
     Ok(lines)
+}
+
+/// One exchange of the plan, on a channel of its own (a refused declaration closes it).
+async fn check_exchange(
+    connection: &Connection,
+    exchange: &ExchangeDecl,
+) -> Result<CheckLine, OpsError> {
+    let object = format!("exchange {}", exchange.name);
+    let channel = channel(connection).await?;
+    let declare = |options| {
+        channel.exchange_declare(
+            exchange.name.as_str().into(),
+            exchange.kind.lapin(),
+            options,
+            FieldTable::default(),
+        )
+    };
+    let what = format!("checking {object}");
+    let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+    let probe = within(&what, declare(passive)).await?;
+    if let Some(missing) = absent(probe, &object)? {
+        return Ok(missing);
+    }
+    let active = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    let result = within(&what, declare(active)).await?;
+    let line = verdict(object, result.err(), format!("{} durable", exchange.kind))?;
+    let _ = within(&what, channel.close(200, "checked".into())).await;
+    Ok(line)
+}
+
+/// One queue of the plan, on a channel of its own.
+async fn check_queue(connection: &Connection, queue: &QueueDecl) -> Result<CheckLine, OpsError> {
+    let object = format!("queue {}", queue.name);
+    let channel = channel(connection).await?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let what = format!("checking {object}");
+    let name = queue.name.as_str();
+    let probe =
+        within(&what, channel.queue_declare(name.into(), passive, FieldTable::default())).await?;
+    if let Some(missing) = absent(probe.map(|_| ()), &object)? {
+        return Ok(missing);
+    }
+    let active = QueueDeclareOptions { durable: true, ..Default::default() };
+    let result =
+        within(&what, channel.queue_declare(name.into(), active, queue.field_table())).await?;
+    let line = verdict(object, result.err(), queue.describe_arguments())?;
+    let _ = within(&what, channel.close(200, "checked".into())).await;
+    Ok(line)
 }
 
 /// The line for an object a passive probe did not find; `None` when it exists.

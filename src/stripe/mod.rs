@@ -73,10 +73,12 @@ pub struct Session {
 }
 
 /// Why creating a session failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StripeError {
-    #[error("connecting to Stripe failed: {0}")]
-    Transport(String),
+    /// The request did not get an answer: the connection failed, or the request could not be
+    /// built. The text shows the whole chain of causes; the first is the source.
+    #[error("connecting to Stripe failed: {}", error_chain(.0.as_ref()))]
+    Transport(#[source] Arc<dyn std::error::Error + Send + Sync>),
     #[error("Stripe did not answer within {0:?}")]
     Timeout(Duration),
     #[error("Stripe answered {status}{}: {message}", describe_kind(.kind, .code))]
@@ -107,6 +109,11 @@ fn describe_kind(kind: &Option<String>, code: &Option<String>) -> String {
 }
 
 impl StripeError {
+    /// A request that got no answer, because of `cause`.
+    pub fn transport(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Transport(Arc::from(cause.into()))
+    }
+
     /// Whether the same request may succeed later. `Stripe-Should-Retry` decides when Stripe
     /// sent it; otherwise 409 (a concurrent request with the same key), 424, 429 and 5xx are
     /// transient and every other 4xx is permanent.
@@ -180,7 +187,7 @@ impl StripeError {
 }
 
 /// Why no session came back.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     /// The circuit breaker is open: Stripe was not called.
     #[error("Stripe's circuit is open; not called")]
@@ -270,23 +277,7 @@ impl Gateway {
         };
         let (api, flow) = &**stripe;
         let permit = flow.admit(suspect).await.ok_or(CallError::CircuitOpen)?;
-        let span = info_span!(
-            "stripe",
-            otel.name = "POST",
-            otel.kind = "client",
-            otel.status_code = Empty,
-            otel.status_description = Empty,
-            http.request.method = "POST",
-            url.full = %api.sessions_url(),
-            http.response.status_code = Empty,
-            stripe.request_id = Empty,
-            stripe.idempotency_key = %idempotency_key(&cmd.trip_id),
-            stripe.replayed = Empty,
-            payment.failure_class = Empty,
-            trace_id = Empty,
-            span_id = Empty,
-        );
-        trace::record_ids(&span, None);
+        let span = client_span(api, &cmd.trip_id);
         let result = {
             let _in_flight = InFlight::start(&self.metrics);
             let started = Instant::now();
@@ -299,21 +290,7 @@ impl Gateway {
             Err(e) => (e.signal(), e.retry_after()),
         };
         let spread = permit.finish(signal, retry_after, Caller { payment: &cmd.trip_id, suspect });
-        let label = match &result {
-            Ok(session) if session.replayed => "replayed",
-            Ok(_) => "created",
-            Err(e) => e.metric_label(),
-        };
-        match &result {
-            Ok(session) => {
-                span.record("stripe.replayed", session.replayed);
-            }
-            Err(e) => {
-                span.record("payment.failure_class", label);
-                trace::failed(&span, e);
-            }
-        }
-        self.metrics.stripe_requests.with_label_values(&[label]).inc();
+        self.metrics.stripe_requests.with_label_values(&[record_result(&span, &result)]).inc();
         result.map_err(|error| CallError::Stripe { error, spread })
     }
 
@@ -553,7 +530,7 @@ impl StripeApi {
             .header("Idempotency-Key", idempotency_key(&cmd.trip_id))
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(form)))
-            .map_err(|e| StripeError::Transport(e.to_string()))?;
+            .map_err(StripeError::transport)?;
         let answer = self.exchange(http_request).await?;
         if (200..300).contains(&answer.status) {
             let session: SessionObject = serde_json::from_slice(&answer.body)
@@ -578,7 +555,7 @@ impl StripeApi {
         let http_request = self
             .request(hyper::Method::GET, uri)?
             .body(Full::new(Bytes::new()))
-            .map_err(|e| StripeError::Transport(e.to_string()))?;
+            .map_err(StripeError::transport)?;
         let answer = self.exchange(http_request).await?;
         if (200..300).contains(&answer.status) {
             return serde_json::from_slice(&answer.body)
@@ -596,7 +573,7 @@ impl StripeApi {
     ) -> Result<hyper::http::request::Builder, StripeError> {
         let mut authorization =
             HeaderValue::try_from(format!("Bearer {}", self.secret.expose_secret())).map_err(
-                |_| StripeError::Transport("STRIPE_SECRET_KEY is not a valid header value".into()),
+                |_| StripeError::transport("STRIPE_SECRET_KEY is not a valid header value"),
             )?;
         authorization.set_sensitive(true);
         Ok(hyper::Request::builder()
@@ -610,11 +587,7 @@ impl StripeApi {
     /// Sends a request and reads the whole answer within the timeout.
     async fn exchange(&self, request: hyper::Request<Full<Bytes>>) -> Result<Answer, StripeError> {
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| StripeError::Transport(error_chain(&e)))?;
+            let response = self.client.request(request).await.map_err(StripeError::transport)?;
             let status = response.status().as_u16();
             let header = |name: &str| {
                 response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
@@ -630,12 +603,8 @@ impl StripeApi {
             let retry_after = header("retry-after")
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| StripeError::Transport(error_chain(&e)))?
-                .to_bytes();
+            let body =
+                response.into_body().collect().await.map_err(StripeError::transport)?.to_bytes();
             Ok(Answer { status, should_retry, retry_after, replayed, body })
         };
         tokio::time::timeout(self.timeout, exchange)
@@ -724,6 +693,47 @@ pub struct EventPage {
     pub has_more: bool,
 }
 
+/// The client span of one Checkout Session call, with its trace ids recorded for the logs.
+fn client_span(api: &StripeApi, trip_id: &str) -> Span {
+    let span = info_span!(
+        "stripe",
+        otel.name = "POST",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        http.request.method = "POST",
+        url.full = %api.sessions_url(),
+        http.response.status_code = Empty,
+        stripe.request_id = Empty,
+        stripe.idempotency_key = %idempotency_key(trip_id),
+        stripe.replayed = Empty,
+        payment.failure_class = Empty,
+        trace_id = Empty,
+        span_id = Empty,
+    );
+    trace::record_ids(&span, None);
+    span
+}
+
+/// Records a call's `result` on its span; the label it is counted under.
+fn record_result(span: &Span, result: &Result<Session, StripeError>) -> &'static str {
+    let label = match result {
+        Ok(session) if session.replayed => "replayed",
+        Ok(_) => "created",
+        Err(e) => e.metric_label(),
+    };
+    match result {
+        Ok(session) => {
+            span.record("stripe.replayed", session.replayed);
+        }
+        Err(e) => {
+            span.record("payment.failure_class", label);
+            trace::failed(span, e);
+        }
+    }
+    label
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -750,9 +760,19 @@ mod tests {
     }
 
     #[test]
+    fn a_transport_failure_keeps_its_source_and_shows_the_chain() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let error = StripeError::transport(refused);
+        let source = std::error::Error::source(&error).expect("the cause is kept");
+        assert_eq!(source.to_string(), "refused");
+        assert_eq!(error.to_string(), "connecting to Stripe failed: refused");
+        assert_eq!(crate::error_chain(&error), "connecting to Stripe failed: refused");
+    }
+
+    #[test]
     fn classifies_transient_failures() {
         assert!(StripeError::Timeout(Duration::from_secs(1)).is_transient());
-        assert!(StripeError::Transport("reset".into()).is_transient());
+        assert!(StripeError::transport("reset").is_transient());
         for status in [409, 429, 500, 502, 503] {
             assert!(api(status, None, None).is_transient(), "{status}");
         }
@@ -771,7 +791,7 @@ mod tests {
     #[test]
     fn tells_stripe_failing_from_answers_about_the_request() {
         assert_eq!(StripeError::Timeout(Duration::from_secs(1)).signal(), Signal::Failed);
-        assert_eq!(StripeError::Transport("reset".into()).signal(), Signal::Failed);
+        assert_eq!(StripeError::transport("reset").signal(), Signal::Failed);
         for status in [500, 502, 503, 504] {
             assert_eq!(api(status, None, None).signal(), Signal::Failed, "{status}");
             assert_eq!(api(status, Some(true), None).signal(), Signal::Failed, "{status}");
