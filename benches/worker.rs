@@ -7,7 +7,6 @@
 //! `1,2,3,4,5,6,7,8,9`); BENCH_POD_LOG a file the worker processes log into (at info level).
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -22,11 +21,10 @@ use payment_worker::stripe::{CheckoutUrls, StripeApi};
 use testkit::amqp::{Client, command, inner};
 use testkit::names::{EVENTS, PARKED, WORK};
 use testkit::node::RabbitNode;
-use testkit::pod::{Pod, ready_within};
+use testkit::pod::{Launch, Pod, ready_within};
 use testkit::stats::{env_usize, percentile};
 use testkit::stripe::{Behaviour, Outage, SECRET_KEY, StripeStandin};
 use testkit::vhost::Vhost;
-use tokio::process::Command;
 
 const WORKER: &str = env!("CARGO_BIN_EXE_payment-worker");
 /// For the sections that measure the worker itself against a stand-in without a rate limit:
@@ -60,24 +58,22 @@ async fn start_pod(
     extra: &[&str],
     env: &[(&str, String)],
 ) -> (Pod, Duration) {
-    let http = testkit::free_loopback_addr();
-    let mut command = Command::new(WORKER);
-    command.args(testkit::world::run_args(uri, stripe));
-    command.args(["--http-addr", &http.to_string(), "--prefetch", &prefetch.to_string()]);
     let level = if std::env::var_os("BENCH_POD_LOG").is_some() { "info" } else { "warn" };
-    command.args(["--log-format", "text", "--queue-depth-interval", "60s"]).env("RUST_LOG", level);
-    // BENCH_POD_LOG=path appends the pods' logs there.
-    let log = std::env::var("BENCH_POD_LOG").ok().map(|path| {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
-        Stdio::from(file.expect("BENCH_POD_LOG is writable"))
-    });
-    command
+    let mut launch = Launch::new(WORKER, testkit::world::run_args(uri, stripe))
+        .args(["--prefetch", &prefetch.to_string()])
+        .args(["--log-format", "text", "--queue-depth-interval", "60s"])
         .args(extra)
-        .envs(env.iter().map(|(k, v)| (*k, v)))
-        .stdout(Stdio::null())
-        .stderr(log.unwrap_or_else(Stdio::null));
+        .env("RUST_LOG", level);
+    for (key, value) in env {
+        launch = launch.env(key, value);
+    }
+    // BENCH_POD_LOG=path appends the pods' logs there.
+    if let Ok(path) = std::env::var("BENCH_POD_LOG") {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+        launch = launch.log(file.expect("BENCH_POD_LOG is writable"));
+    }
     let started = Instant::now();
-    let pod = Pod::start(command, http, READY_WITHIN).await;
+    let pod = launch.start(READY_WITHIN).await;
     (pod, started.elapsed())
 }
 

@@ -15,8 +15,8 @@
 //! queue's leader's when it can be found) or `stop_app`/`start_app`, with the others up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,11 +30,11 @@ use testkit::amqp::{command, inner};
 use testkit::cluster::RabbitCluster;
 use testkit::names::{EVENTS, PARKED, WAIT_QUEUES, WORK};
 use testkit::node::RabbitNode;
-use testkit::pod::Pod;
+use testkit::pod::Launch;
 use testkit::proxy::FaultProxy;
 use testkit::stats::{env_usize, percentile};
 use testkit::stripe::{Behaviour, Outage, RandomFailures, StripeStandin};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 #[derive(Debug, Clone)]
 struct Params {
@@ -131,26 +131,18 @@ impl Harness {
     /// Starts a worker process and waits until it is ready.
     async fn spawn_pod(&mut self) -> Child {
         self.started += 1;
-        let http = testkit::free_loopback_addr();
         let log =
             std::fs::File::create(self.logs.join(format!("pod-{}.log", self.started))).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_payment-worker"));
         let uris: Vec<String> =
             self.proxies.iter().map(|p| format!("amqp://guest:guest@{}/%2f", p.addr())).collect();
-        command.args(testkit::world::run_args(&uris.join(","), Some(&self.stripe)));
+        let args = testkit::world::run_args(&uris.join(","), Some(&self.stripe));
+        let mut launch = Launch::new(env!("CARGO_BIN_EXE_payment-worker"), args);
         if self.nodes.len() > 1 {
             let profile = testkit::world::repo_path("topology/quorum.toml");
-            command.arg("--topology").arg(profile);
+            launch = launch.args([OsString::from("--topology"), profile.into_os_string()]);
         }
-        command
-            .args([
-                "--stripe-timeout",
-                "1s",
-                "--http-addr",
-                &http.to_string(),
-                "--shutdown-grace",
-                "10s",
-            ])
+        launch
+            .args(["--stripe-timeout", "1s", "--shutdown-grace", "10s"])
             .args([
                 "--reconnect-min-delay",
                 "100ms",
@@ -160,9 +152,10 @@ impl Harness {
                 "200",
             ])
             .args(["--prefetch", "16", "--log-format", "text"])
-            .stdout(Stdio::null())
-            .stderr(log);
-        Pod::start(command, http, Duration::from_secs(30)).await.child
+            .log(log)
+            .start(Duration::from_secs(30))
+            .await
+            .child
     }
 }
 

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use clap::Parser;
@@ -14,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Client;
 use crate::http_get;
-use crate::pod::{Pod, ready_within};
+use crate::pod::{Launch, Pod, ready_within};
 use crate::stripe::{SECRET_KEY, StripeStandin};
 use crate::vhost::Vhost;
 
@@ -125,14 +124,8 @@ pub fn run_args(uri: &str, stripe: Option<&StripeStandin>) -> Vec<String> {
 /// Starts the real binary (`binary`: its path, `CARGO_BIN_EXE_payment-worker` where cargo
 /// builds it) as a "pod" on this world and waits until it is ready.
 pub async fn spawn_binary(binary: &str, world: &World, extra: &[&str]) -> Pod {
-    let http = crate::free_loopback_addr();
-    let http_arg = http.to_string();
-    let mut flags = vec!["--http-addr", http_arg.as_str()];
-    flags.extend_from_slice(extra);
-    let args = world.args(&flags);
-    let mut command = tokio::process::Command::new(binary);
-    command.args(&args[1..]).env("LOG_FORMAT", "text").stdout(Stdio::null()).stderr(Stdio::null());
-    Pod::start(command, http, READY_WITHIN).await
+    let args = world.args(extra);
+    Launch::new(binary, &args[1..]).env("LOG_FORMAT", "text").start(READY_WITHIN).await
 }
 
 /// The value of one sample (`name` with its labels, as exported) of a worker's metrics; 0 when

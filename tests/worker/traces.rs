@@ -1,12 +1,11 @@
 //! OpenTelemetry spans over OTLP/HTTP, received by a collector inside the test that decodes
 //! them with the official protobuf definitions (`testkit::otlp`).
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use testkit::amqp::command;
 use testkit::otlp::{Collector, Span, SpanKind, StatusCode, attribute, hex};
-use testkit::pod::Pod;
+use testkit::pod::{Launch, Pod};
 use testkit::stripe::Behaviour;
 
 use testkit::world::{EVENTS, World, metric};
@@ -16,19 +15,16 @@ const PARENT: &str = "00f067aa0ba902b7";
 
 /// The worker binary with `env`, on `world`; its JSON log lines go to `log`, if given.
 async fn pod(world: &World, env: &[(&str, String)], log: Option<&std::path::Path>) -> Pod {
-    let http = testkit::free_loopback_addr();
-    let http_arg = http.to_string();
-    let args = world.args(&["--http-addr", &http_arg]);
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_payment-worker"));
-    let stderr = match log {
-        Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
-        None => Stdio::null(),
-    };
-    command.args(&args[1..]).env("LOG_FORMAT", "json").stdout(Stdio::null()).stderr(stderr);
-    for (key, value) in env {
-        command.env(key, value);
+    let args = world.args(&[]);
+    let mut launch =
+        Launch::new(env!("CARGO_BIN_EXE_payment-worker"), &args[1..]).env("LOG_FORMAT", "json");
+    if let Some(path) = log {
+        launch = launch.log(std::fs::File::create(path).unwrap());
     }
-    Pod::start(command, http, Duration::from_secs(20)).await
+    for (key, value) in env {
+        launch = launch.env(key, value);
+    }
+    launch.start(Duration::from_secs(20)).await
 }
 
 async fn stop(mut pod: Pod) {
