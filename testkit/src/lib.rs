@@ -10,7 +10,8 @@
 //! - [`cluster::RabbitCluster`]: three such nodes joined into a cluster.
 //! - [`otlp::Collector`]: an OTLP/HTTP collector decoding spans with the official protobufs.
 //! - [`proxy::FaultProxy`]: a TCP proxy that cuts and delays connections.
-//! - [`pod::Pod`]: the worker binary as a child process, ready when `/readyz` says so.
+//! - [`pod::Pod`]: the worker binary as a child process, ready when `/readyz` says so,
+//!   started by [`pod::Launch`].
 //! - [`cli`]: the operator commands, run as an operator would.
 //! - [`gopeer`]: the Go services' side of the wire (trip-service, api-gateway), built from
 //!   `tests/go/gopeer` with Go's own `encoding/json` and `amqp091-go`.
