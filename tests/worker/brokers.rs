@@ -107,12 +107,7 @@ async fn a_refused_event_spends_an_attempt_and_starts_a_new_session() {
     // The gateway's queue refuses everything (a policy, as an operator would set one): the
     // broker nacks every session_created event.
     let vhost = world.vhost.name();
-    let policy = r#"{"max-length":0,"overflow":"reject-publish"}"#;
-    let queues = ["--apply-to", "queues"];
-    testkit::vhost::rabbitmqctl(
-        &[&["set_policy", "-p", vhost, "refuse", &format!("^{EVENTS}$"), policy], &queues[..]]
-            .concat(),
-    );
+    refuse_publishes(vhost, EVENTS);
     world.client.send_command(&command("refused", "u", 100.0, "USD")).await;
 
     let parked = world.client.take(PARKED, 1, Duration::from_secs(20)).await;
@@ -142,15 +137,7 @@ async fn a_nacked_retry_copy_is_handed_back_not_parked() {
     // The first wait queue refuses everything, as a quorum queue does while it has no
     // leader: the broker nacks the retry copy of a payment whose first call failed.
     let vhost = world.vhost.name();
-    let policy = r#"{"max-length":0,"overflow":"reject-publish"}"#;
-    let queues = ["--apply-to", "queues"];
-    testkit::vhost::rabbitmqctl(
-        &[
-            &["set_policy", "-p", vhost, "refuse", &format!("^{}$", WAIT_QUEUES[0]), policy],
-            &queues[..],
-        ]
-        .concat(),
-    );
+    refuse_publishes(vhost, WAIT_QUEUES[0]);
     world.stripe.script("held", [Behaviour::unavailable()]);
     world.client.send_command(&command("held", "u", 100.0, "USD")).await;
 
@@ -167,4 +154,21 @@ async fn a_nacked_retry_copy_is_handed_back_not_parked() {
     assert!(restarts >= 1.0, "a new session after the nacked copy: {restarts}");
     testkit::vhost::rabbitmqctl(&["clear_policy", "-p", vhost, "refuse"]);
     worker.stop().await.unwrap();
+}
+
+/// A policy (named `refuse`, as an operator would set one) under which `queue` in `vhost`
+/// refuses every publish: the broker nacks whatever is routed to it.
+fn refuse_publishes(vhost: &str, queue: &str) {
+    let policy = r#"{"max-length":0,"overflow":"reject-publish"}"#;
+    let pattern = format!("^{queue}$");
+    testkit::vhost::rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        vhost,
+        "refuse",
+        &pattern,
+        policy,
+        "--apply-to",
+        "queues",
+    ]);
 }
