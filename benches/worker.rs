@@ -317,7 +317,12 @@ async fn retry_comparison(n: usize) -> (f64, f64) {
 /// Payments a second as a share of Stripe's limit, and the share of calls answered 429:
 /// `replicas` pods at prefetch 32 against a stand-in allowing `limit` requests a second, with
 /// `n` payments waiting in the work queue.
-async fn rate_limited_goodput(n: usize, replicas: usize, limit: usize) -> (f64, f64) {
+async fn rate_limited_goodput(
+    n: usize,
+    replicas: usize,
+    limit: usize,
+    env: &[(&str, String)],
+) -> (f64, f64) {
     let vhost = Vhost::new("bench-rate");
     let stripe = StripeStandin::start().await;
     stripe.set_rate_limit(Some(limit));
@@ -326,7 +331,7 @@ async fn rate_limited_goodput(n: usize, replicas: usize, limit: usize) -> (f64, 
     let start = Instant::now();
     let mut pods = Vec::new();
     for _ in 0..replicas {
-        pods.push(start_pod(&vhost.uri(), Some(&stripe), 32, &[], &[]).await.0);
+        pods.push(start_pod(&vhost.uri(), Some(&stripe), 32, &[], env).await.0);
     }
     let done = wait_depth(&vhost.uri(), EVENTS, n as u32, Duration::from_secs(600)).await;
     let seen = stripe.seen();
@@ -635,15 +640,19 @@ async fn flow_control(runs: usize) {
     println!(
         "| pods (prefetch 32) | 750 payments against a 25/s limit: goodput, share of the limit | calls answered 429 |\n|---|---|---|"
     );
-    for replicas in [1, 2, 3] {
+    let shared = [("STRIPE_ACCOUNT_RPS", "25".to_owned())];
+    for (replicas, env) in
+        [(1, &[][..]), (2, &[]), (3, &[]), (1, &shared), (2, &shared), (3, &shared)]
+    {
         let (mut goodput, mut limited) = (Vec::new(), Vec::new());
         for _ in 0..runs {
-            let (share, rejected) = rate_limited_goodput(750, replicas, 25).await;
+            let (share, rejected) = rate_limited_goodput(750, replicas, 25, env).await;
             goodput.push(share * 100.0);
             limited.push(rejected * 100.0);
         }
+        let setting = if env.is_empty() { "" } else { ", `STRIPE_ACCOUNT_RPS=25`" };
         println!(
-            "| {replicas} | {} | {} |",
+            "| {replicas}{setting} | {} | {} |",
             Stat::of(goodput).show("%"),
             Stat::of(limited).show("%")
         );

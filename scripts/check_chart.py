@@ -103,8 +103,15 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     # Every worker setting is reachable: from the ConfigMap, or from the Secret.
     env_names = {e["name"] for e in container.get("env", [])}
     reachable = set(configmap["data"]) | env_names
-    # Derived from APP_URL unless set; no ceiling unless set.
-    optional = {"STRIPE_SUCCESS_URL", "STRIPE_CANCEL_URL", "STRIPE_MAX_RPS"}
+    # Derived from APP_URL unless set; no ceiling unless set; no shared limit unless asked.
+    optional = {"STRIPE_SUCCESS_URL", "STRIPE_CANCEL_URL", "STRIPE_MAX_RPS", "STRIPE_ACCOUNT_RPS"}
+    stripe = (yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text()) or {}).get("stripe", {})
+    shared = stripe.get("rate", {}).get("shareAccountLimit", False)
+    limit = str(stripe.get("accountLimit", DEFAULTS["stripe"]["accountLimit"]))
+    check(
+        configmap["data"].get("STRIPE_ACCOUNT_RPS") == (limit if shared else None),
+        f"{name}: STRIPE_ACCOUNT_RPS is stripe.accountLimit exactly when stripe.rate.shareAccountLimit",
+    )
     missing = settings - reachable - optional - SECRET_SETTINGS - FILE_SETTINGS
     check(not missing, f"{name}: settings not reachable from values: {sorted(missing)}")
     check(FILE_SETTINGS <= settings, f"{name}: the binary reads {sorted(FILE_SETTINGS - settings)}")

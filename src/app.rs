@@ -48,6 +48,8 @@ pub struct App {
     pool: Pool,
     ledger: Arc<Ledger>,
     depth_interval: Duration,
+    /// The gateway whose rate shares the account's limit (`STRIPE_ACCOUNT_RPS`), if set.
+    shared: Option<Arc<Gateway>>,
 }
 
 impl App {
@@ -85,9 +87,12 @@ impl App {
             ledger.clone(),
             metrics.clone(),
         ));
+        let gateway = Arc::new(gateway);
+        let shared =
+            args.stripe_account_rps.filter(|_| !gateway.is_mock()).map(|_| gateway.clone());
         let worker = Worker::new(
             topology.clone(),
-            Arc::new(gateway),
+            gateway,
             pool.clone(),
             broker,
             metrics.clone(),
@@ -104,6 +109,7 @@ impl App {
             pool,
             ledger,
             depth_interval: args.queue_depth_interval,
+            shared,
         })
     }
 
@@ -142,8 +148,16 @@ impl App {
             self.http.readiness.clone(),
             stop_http.clone(),
         ));
+        let shares = self.shared.map(|gateway| {
+            let queue = self.topology.work_queue.name.clone();
+            let (pool, readiness) = (self.pool.clone(), self.http.readiness.clone());
+            tokio::spawn(poll_replicas(pool, queue, gateway, readiness, stop_http.clone()))
+        });
         let result = self.worker.run(shutdown).await;
         stop_http.cancel();
+        if let Some(shares) = shares {
+            let _ = shares.await;
+        }
         let _ = poller.await;
         let _ = server.await;
         let _ = relay.await;
@@ -203,6 +217,48 @@ async fn poll_queue_depths(
             }
         }
         let _ = channel.close(200, "depths read".into()).await;
+    }
+}
+
+/// How often the replicas sharing the account's limit are counted.
+const REPLICA_POLL: Duration = Duration::from_secs(1);
+
+/// Counts the replicas every [`REPLICA_POLL`], the first time at once, and tells the gateway,
+/// whose rate takes that share of `STRIPE_ACCOUNT_RPS`: the consumers of the work queue (a
+/// passive declaration, which changes nothing), and this replica too while it is not
+/// consuming yet, so that a replica joining others starts at its share, not with a burst the
+/// size of the whole limit. A reading that fails or takes longer than the interval changes
+/// nothing; the next one tries again.
+async fn poll_replicas(
+    pool: Pool,
+    queue: String,
+    gateway: Arc<Gateway>,
+    readiness: Readiness,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(REPLICA_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let reading = async {
+            let connection = pool.get().await.ok()?;
+            let channel = connection.create_channel().await.ok()?;
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            let declared =
+                channel.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await;
+            let _ = channel.close(200, "replicas counted".into()).await;
+            declared.ok().map(|q| q.consumer_count())
+        };
+        match tokio::time::timeout(REPLICA_POLL, reading).await {
+            Ok(Some(consumers)) => {
+                let joining = u32::from(readiness.check().is_err());
+                gateway.set_replicas(consumers.saturating_add(joining));
+            }
+            _ => debug!(queue = %queue, "the work queue's consumers could not be counted"),
+        }
     }
 }
 

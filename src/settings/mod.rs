@@ -141,6 +141,12 @@ pub struct RunArgs {
     #[arg(long, env = "STRIPE_MAX_RPS", value_parser = parse_rate)]
     pub stripe_max_rps: Option<f64>,
 
+    /// The Stripe account's limit of requests per second, shared by every replica: each
+    /// replica's ceiling is this divided by the consumers of the work queue (read every 2 s).
+    /// Unset: each replica finds its share from Stripe's 429s.
+    #[arg(long, env = "STRIPE_ACCOUNT_RPS", value_parser = parse_rate)]
+    pub stripe_account_rps: Option<f64>,
+
     /// Stripe requests per second until the first 429: the burst a cold replica may send at
     /// once (Stripe's documented limit for Checkout Sessions is 25 a second).
     #[arg(long, env = "STRIPE_INITIAL_RPS", default_value_t = 25.0, value_parser = parse_rate)]
@@ -322,6 +328,7 @@ impl RunArgs {
             initial: self.stripe_initial_rps,
             min: self.stripe_min_rps,
             max: self.stripe_max_rps,
+            account: self.stripe_account_rps,
             increase: self.stripe_rate_increase,
             decrease: self.stripe_rate_decrease,
             k: self.stripe_throttle_k,
@@ -495,6 +502,7 @@ mod tests {
             (&["--stripe-secret-key", " "][..], "STRIPE_SECRET_KEY"),
             (&["--stripe-max-rps", "0"][..], "STRIPE_MAX_RPS"),
             (&["--stripe-max-rps", "0.5"][..], "STRIPE_MAX_RPS"),
+            (&["--stripe-account-rps", "0"][..], "STRIPE_ACCOUNT_RPS"),
             (&["--stripe-initial-rps", "fast"][..], "STRIPE_INITIAL_RPS"),
             (&["--stripe-min-rps=-1"][..], "STRIPE_MIN_RPS"),
             (&["--stripe-rate-decrease", "1"][..], "STRIPE_RATE_DECREASE"),

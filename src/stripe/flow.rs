@@ -72,6 +72,11 @@ impl Controller {
         }
     }
 
+    /// How many replicas share the account's limit: see [`Pacer::set_replicas`].
+    pub fn set_replicas(&mut self, replicas: u32) {
+        self.pacer.set_replicas(replicas);
+    }
+
     /// A slot for an admitted call, now or later: see [`Pacer::take`].
     pub fn turn(&mut self, now: Instant, waited: Option<bool>) -> Turn {
         self.pacer.take(now, waited)
@@ -138,6 +143,14 @@ impl FlowControl {
             circuit: watch::Sender::new(State::Closed),
             metrics,
         }
+    }
+
+    /// How many replicas consume the work queue, for their shares of the account's limit
+    /// (`STRIPE_ACCOUNT_RPS`); nothing changes without it.
+    pub fn set_replicas(&self, replicas: u32) {
+        let mut controller = self.controller();
+        controller.set_replicas(replicas);
+        self.metrics.stripe_rate_limit.set(controller.rate());
     }
 
     /// The breaker's state, now and as it changes.

@@ -298,6 +298,14 @@ impl Gateway {
         matches!(self.backend, Backend::Mock)
     }
 
+    /// How many replicas consume the work queue: see [`FlowControl::set_replicas`]. Mock
+    /// mode has no rate.
+    pub fn set_replicas(&self, replicas: u32) {
+        if let Backend::Stripe(stripe) = &self.backend {
+            stripe.1.set_replicas(replicas);
+        }
+    }
+
     /// The circuit breaker's state; `None` in mock mode, which has none.
     pub fn circuit(&self) -> Option<watch::Receiver<State>> {
         match &self.backend {

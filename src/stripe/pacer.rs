@@ -33,6 +33,10 @@
 //!   the next one, so one payment answered `Retry-After` again and again cannot hold up all
 //!   the others; another payment's, or a success in between, can.
 //!
+//! * **Shares** (`STRIPE_ACCOUNT_RPS`): with the account's limit set, the rate never goes
+//!   above an equal part of it for each replica counted ([`Pacer::set_replicas`]), and a
+//!   window lasts 20 ms longer than its second, since Stripe counts a call when it arrives.
+//!
 //! A pure state machine like [`crate::stripe::breaker`]: methods take the time.
 
 use std::collections::VecDeque;
@@ -47,6 +51,14 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// "what Stripe accepted" looks.
 const ROUND: Duration = Duration::from_secs(1);
 
+/// How much longer than its second a window of calls lasts when the replicas share the
+/// account's limit, which keeps their rates right at it. Stripe counts a call when it
+/// arrives, a little after it was sent: a window closing exactly a second after the sends
+/// would let the next second's first calls arrive while Stripe still counts the last ones,
+/// and a whole burst would be answered 429 at the boundary. (Adapting from 429s alone, the
+/// rate settles below the limit after the first cut.)
+const ARRIVAL_MARGIN: Duration = Duration::from_millis(20);
+
 /// Where the rate starts and how it moves.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PacerSettings {
@@ -56,6 +68,9 @@ pub struct PacerSettings {
     pub min: f64,
     /// The rate never goes above this (an operator's share of the account's limit).
     pub max: Option<f64>,
+    /// The account's limit, shared by every replica: the rate never goes above it divided by
+    /// the replicas calling ([`Pacer::set_replicas`]).
+    pub account: Option<f64>,
     /// Requests per second added for each second the rate is the bottleneck.
     pub increase: f64,
     /// The most a 429 leaves of the rate, in (0, 1).
@@ -66,7 +81,15 @@ pub struct PacerSettings {
 
 impl Default for PacerSettings {
     fn default() -> Self {
-        Self { initial: 25.0, min: 1.0, max: None, increase: 2.0, decrease: 0.9, k: 2.0 }
+        Self {
+            initial: 25.0,
+            min: 1.0,
+            max: None,
+            account: None,
+            increase: 2.0,
+            decrease: 0.9,
+            k: 2.0,
+        }
     }
 }
 
@@ -112,11 +135,14 @@ pub struct Pacer {
     /// Answers of the last [`HORIZON`] that say something about Stripe's health, `true` when
     /// Stripe accepted the call.
     health: VecDeque<(Instant, bool)>,
+    /// This replica's share of the account's limit, once the replicas are known.
+    share: Option<f64>,
 }
 
 impl Pacer {
     pub fn new(settings: PacerSettings, now: Instant) -> Self {
-        let rate = clamp(settings.initial, &settings);
+        let share = settings.account;
+        let rate = clamp(settings.initial, &settings, share);
         Self {
             settings,
             rate,
@@ -128,7 +154,20 @@ impl Pacer {
             recent: VecDeque::new(),
             last_paced: None,
             health: VecDeque::new(),
+            share,
         }
+    }
+
+    /// How many replicas call Stripe on the account (at least this one): with the account's
+    /// limit set, each takes an equal share of it, and this rate falls to its share at once.
+    pub fn set_replicas(&mut self, replicas: u32) {
+        let Some(account) = self.settings.account else { return };
+        self.share = Some(account / f64::from(replicas.max(1)));
+        self.rate = self.clamp(self.rate);
+    }
+
+    fn clamp(&self, rate: f64) -> f64 {
+        clamp(rate, &self.settings, self.share)
     }
 
     /// Requests per second now, as adapted to 429s.
@@ -150,7 +189,7 @@ impl Pacer {
         let calls = self.health.len() as f64;
         let accepted = self.health.iter().filter(|(_, ok)| *ok).count() as f64;
         let reject = ((calls - self.settings.k * accepted) / (calls + 1.0)).max(0.0);
-        clamp(self.rate * (1.0 - reject), &self.settings).min(self.rate)
+        self.clamp(self.rate * (1.0 - reject)).min(self.rate)
     }
 
     /// Takes a slot now if one is free; else says when to ask again. Nothing is booked
@@ -160,7 +199,8 @@ impl Pacer {
     pub fn take(&mut self, now: Instant, waited: Option<bool>) -> Turn {
         let allowed = self.allowed(now);
         let per_window = allowed.ceil().max(1.0);
-        let window = Duration::from_secs_f64(per_window / allowed);
+        let margin = if self.settings.account.is_some() { ARRIVAL_MARGIN } else { Duration::ZERO };
+        let window = Duration::from_secs_f64(per_window / allowed) + margin;
         let n = per_window as usize;
         let full = (self.slots.len() >= n).then(|| self.slots[self.slots.len() - n] + window);
         let free = full.unwrap_or(now).max(self.not_before);
@@ -192,7 +232,7 @@ impl Pacer {
         if slot.paced {
             let step =
                 if self.rate < self.threshold { 1.0 } else { self.settings.increase / self.rate };
-            self.rate = clamp(self.rate + step, &self.settings);
+            self.rate = self.clamp(self.rate + step);
         }
     }
 
@@ -223,7 +263,7 @@ impl Pacer {
         let accepted = self.recent.iter().filter(|(_, limited)| !limited).count() as f64;
         let cut = (self.rate * self.settings.decrease).min(accepted / ROUND.as_secs_f64());
         self.threshold = self.rate / 2.0;
-        self.rate = clamp(cut, &self.settings);
+        self.rate = self.clamp(cut);
         self.last_cut = Some((now, payment.to_owned()));
         true
     }
@@ -248,9 +288,12 @@ impl Pacer {
     }
 }
 
-fn clamp(rate: f64, settings: &PacerSettings) -> f64 {
+/// `rate` within the floor, the ceiling and this replica's `share` of the account's limit
+/// (the ceilings win over the floor).
+fn clamp(rate: f64, settings: &PacerSettings, share: Option<f64>) -> f64 {
     let rate = rate.max(settings.min);
-    settings.max.map_or(rate, |max| rate.min(max))
+    let rate = settings.max.map_or(rate, |max| rate.min(max));
+    share.map_or(rate, |share| rate.min(share))
 }
 
 #[cfg(test)]
@@ -417,6 +460,43 @@ mod tests {
         assert!(p.allowed(t0 + ms(10_000)) < 3.0);
         assert_eq!(p.allowed(t0 + ms(15_500)), 1.0);
         assert_eq!(p.allowed(t0 + ms(30_000)), 25.0, "forgotten after the horizon");
+    }
+
+    #[test]
+    fn replicas_share_the_accounts_limit() {
+        let t0 = Instant::now();
+        let settings = PacerSettings { account: Some(25.0), ..Default::default() };
+        let mut p = Pacer::new(settings, t0);
+        assert_eq!(p.rate(), 25.0, "alone until the replicas are counted");
+        let burst: Vec<Slot> = (0..26).map(|_| next(&mut p, t0)).collect();
+        assert_eq!(burst[25].at, t0 + ms(1000) + ARRIVAL_MARGIN, "a window a little over 1 s");
+        p.set_replicas(2);
+        assert_eq!(p.rate(), 12.5, "halved at once");
+        // A full second of calls that waited for the rate grows nothing past the share.
+        for second in 0..5 {
+            let now = t0 + ms(second * 1000);
+            for _ in 0..20 {
+                let slot = next(&mut p, now);
+                p.on_answer(slot.at, slot);
+            }
+        }
+        assert_eq!(p.rate(), 12.5);
+        // A replica gone: the share grows back, and the rate grows into it.
+        p.set_replicas(1);
+        for second in 30..60 {
+            let now = t0 + ms(second * 1000);
+            for _ in 0..40 {
+                let slot = next(&mut p, now);
+                p.on_answer(slot.at, slot);
+            }
+        }
+        assert_eq!(p.rate(), 25.0);
+        p.set_replicas(0);
+        assert_eq!(p.rate(), 25.0, "no consumer counted: this one alone");
+        // Without the account's limit, the count changes nothing.
+        let mut alone = Pacer::new(PacerSettings::default(), t0);
+        alone.set_replicas(4);
+        assert_eq!(alone.rate(), 25.0);
     }
 
     #[test]
