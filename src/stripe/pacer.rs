@@ -462,6 +462,16 @@ mod tests {
         assert_eq!(p.allowed(t0 + ms(30_000)), 25.0, "forgotten after the horizon");
     }
 
+    /// `calls` asking at the start of each of `seconds` after `t0`, each answered.
+    fn answer_each_second(p: &mut Pacer, t0: Instant, seconds: std::ops::Range<u64>, calls: usize) {
+        for second in seconds {
+            for _ in 0..calls {
+                let slot = next(p, t0 + ms(second * 1000));
+                p.on_answer(slot.at, slot);
+            }
+        }
+    }
+
     #[test]
     fn replicas_share_the_accounts_limit() {
         let t0 = Instant::now();
@@ -473,23 +483,11 @@ mod tests {
         p.set_replicas(2);
         assert_eq!(p.rate(), 12.5, "halved at once");
         // A full second of calls that waited for the rate grows nothing past the share.
-        for second in 0..5 {
-            let now = t0 + ms(second * 1000);
-            for _ in 0..20 {
-                let slot = next(&mut p, now);
-                p.on_answer(slot.at, slot);
-            }
-        }
+        answer_each_second(&mut p, t0, 0..5, 20);
         assert_eq!(p.rate(), 12.5);
         // A replica gone: the share grows back, and the rate grows into it.
         p.set_replicas(1);
-        for second in 30..60 {
-            let now = t0 + ms(second * 1000);
-            for _ in 0..40 {
-                let slot = next(&mut p, now);
-                p.on_answer(slot.at, slot);
-            }
-        }
+        answer_each_second(&mut p, t0, 30..60, 40);
         assert_eq!(p.rate(), 25.0);
         p.set_replicas(0);
         assert_eq!(p.rate(), 25.0, "no consumer counted: this one alone");
