@@ -311,6 +311,7 @@ fn gateway(args: &RunArgs, metrics: &Arc<Metrics>) -> Result<(Gateway, Option<bo
             timeout_ms = args.stripe_timeout.as_millis() as u64,
             initial_rps = pacer.initial,
             max_rps = ?pacer.max,
+            account_rps = ?pacer.account,
             breaker_consecutive = breaker.consecutive,
             breaker_cooldown_ms = breaker.cooldown.as_millis() as u64,
             "Stripe mode"

@@ -142,7 +142,8 @@ pub struct RunArgs {
     pub stripe_max_rps: Option<f64>,
 
     /// The Stripe account's limit of requests per second, shared by every replica: each
-    /// replica's ceiling is this divided by the consumers of the work queue (read every 2 s).
+    /// replica's ceiling is this divided by the consumers of the work queue (read every
+    /// second; a replica not consuming yet counts itself in).
     /// Unset: each replica finds its share from Stripe's 429s.
     #[arg(long, env = "STRIPE_ACCOUNT_RPS", value_parser = parse_rate)]
     pub stripe_account_rps: Option<f64>,
