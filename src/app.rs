@@ -223,12 +223,18 @@ async fn poll_queue_depths(
 /// How often the replicas sharing the account's limit are counted.
 const REPLICA_POLL: Duration = Duration::from_secs(1);
 
+/// How long the first Stripe call of a replica joining others waits: within a
+/// [`REPLICA_POLL`] of its consuming each of the others has counted it and cut its rate to the
+/// new share, and half a second later their last second's calls at the old share have thinned
+/// out enough that its first calls fit beside them.
+const JOIN_WAIT: Duration = REPLICA_POLL.saturating_add(Duration::from_millis(500));
+
 /// Counts the replicas every [`REPLICA_POLL`], the first time at once, and tells the gateway,
 /// whose rate takes that share of `STRIPE_ACCOUNT_RPS`: the consumers of the work queue (a
 /// passive declaration, which changes nothing), and this replica too while it is not
 /// consuming yet, so that a replica joining others starts at its share, not with a burst the
-/// size of the whole limit. A reading that fails or takes longer than the interval changes
-/// nothing; the next one tries again.
+/// size of the whole limit, and only once they have counted it ([`JOIN_WAIT`]). A reading that
+/// fails or takes longer than the interval changes nothing; the next one tries again.
 async fn poll_replicas(
     pool: Pool,
     queue: String,
@@ -254,8 +260,9 @@ async fn poll_replicas(
         };
         match tokio::time::timeout(REPLICA_POLL, reading).await {
             Ok(Some(consumers)) => {
-                let joining = u32::from(readiness.check().is_err());
-                gateway.set_replicas(consumers.saturating_add(joining));
+                let joining = readiness.check().is_err();
+                let join = joining.then_some(JOIN_WAIT);
+                gateway.set_replicas(consumers.saturating_add(u32::from(joining)), join);
             }
             _ => debug!(queue = %queue, "the work queue's consumers could not be counted"),
         }

@@ -142,8 +142,9 @@ pub struct RunArgs {
     pub stripe_max_rps: Option<f64>,
 
     /// The Stripe account's limit of requests per second, shared by every replica: each
-    /// replica's ceiling is this divided by the consumers of the work queue (read every
-    /// second; a replica not consuming yet counts itself in).
+    /// replica's ceiling is this divided by the consumers of the work queue, in whole calls
+    /// (read every second; a replica not consuming yet counts itself in). With others, a
+    /// replica sends its calls evenly spaced, and a joining one waits 1.5 s before its first.
     /// Unset: each replica finds its share from Stripe's 429s.
     #[arg(long, env = "STRIPE_ACCOUNT_RPS", value_parser = parse_rate)]
     pub stripe_account_rps: Option<f64>,

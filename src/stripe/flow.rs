@@ -73,8 +73,8 @@ impl Controller {
     }
 
     /// How many replicas share the account's limit: see [`Pacer::set_replicas`].
-    pub fn set_replicas(&mut self, replicas: u32) {
-        self.pacer.set_replicas(replicas);
+    pub fn set_replicas(&mut self, replicas: u32, join: Option<Duration>) {
+        self.pacer.set_replicas(replicas, join);
     }
 
     /// A slot for an admitted call, now or later: see [`Pacer::take`].
@@ -146,10 +146,11 @@ impl FlowControl {
     }
 
     /// How many replicas consume the work queue, for their shares of the account's limit
-    /// (`STRIPE_ACCOUNT_RPS`); nothing changes without it.
-    pub fn set_replicas(&self, replicas: u32) {
+    /// (`STRIPE_ACCOUNT_RPS`); nothing changes without it. `join`: see
+    /// [`Pacer::set_replicas`].
+    pub fn set_replicas(&self, replicas: u32, join: Option<Duration>) {
         let mut controller = self.controller();
-        controller.set_replicas(replicas);
+        controller.set_replicas(replicas, join);
         self.metrics.stripe_rate_limit.set(controller.rate());
     }
 

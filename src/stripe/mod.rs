@@ -300,9 +300,9 @@ impl Gateway {
 
     /// How many replicas consume the work queue: see [`FlowControl::set_replicas`]. Mock
     /// mode has no rate.
-    pub fn set_replicas(&self, replicas: u32) {
+    pub fn set_replicas(&self, replicas: u32, join: Option<Duration>) {
         if let Backend::Stripe(stripe) = &self.backend {
-            stripe.1.set_replicas(replicas);
+            stripe.1.set_replicas(replicas, join);
         }
     }
 

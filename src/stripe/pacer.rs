@@ -34,8 +34,15 @@
 //!   the others; another payment's, or a success in between, can.
 //!
 //! * **Shares** (`STRIPE_ACCOUNT_RPS`): with the account's limit set, the rate never goes
-//!   above an equal part of it for each replica counted ([`Pacer::set_replicas`]), and a
-//!   window lasts 20 ms longer than its second, since Stripe counts a call when it arrives.
+//!   above an equal part of it for each replica counted ([`Pacer::set_replicas`]), in whole
+//!   calls a second (12 each for two replicas on 25: a part of 12.5 would send 13 in some
+//!   seconds, and two such seconds meeting make 26). When the parts leave no call of the
+//!   limit spare (one replica on 25), a window lasts 20 ms longer than its second, since Stripe
+//!   counts a call when it arrives; a spare call absorbs that instead. With other replicas
+//!   counted, calls go out evenly, `1 / rate` apart: bursts of a whole part each second would
+//!   meet in one of Stripe's seconds when one arrives late. A replica joining others waits
+//!   before its first call until they have counted it. A 429 at the part with no cut in the
+//!   10 s before it is arrival jitter: the rate doubles straight back to the part.
 //!
 //! A pure state machine like [`crate::stripe::breaker`]: methods take the time.
 
@@ -51,13 +58,16 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// "what Stripe accepted" looks.
 const ROUND: Duration = Duration::from_secs(1);
 
-/// How much longer than its second a window of calls lasts when the replicas share the
-/// account's limit, which keeps their rates right at it. Stripe counts a call when it
+/// How much longer than its second a window of calls lasts when the replicas' parts of the
+/// account's limit add up to all of it, which keeps their rates right at it. Stripe counts a call when it
 /// arrives, a little after it was sent: a window closing exactly a second after the sends
 /// would let the next second's first calls arrive while Stripe still counts the last ones,
 /// and a whole burst would be answered 429 at the boundary. (Adapting from 429s alone, the
 /// rate settles below the limit after the first cut.)
 const ARRIVAL_MARGIN: Duration = Duration::from_millis(20);
+
+/// A 429 at the share with no cut for this long before it is taken for arrival jitter.
+const QUIET: Duration = Duration::from_secs(10);
 
 /// Where the rate starts and how it moves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -137,6 +147,13 @@ pub struct Pacer {
     health: VecDeque<(Instant, bool)>,
     /// This replica's share of the account's limit, once the replicas are known.
     share: Option<f64>,
+    /// How much longer than its second a window lasts: [`ARRIVAL_MARGIN`] when the shares
+    /// add up to the account's whole limit, else nothing.
+    margin: Duration,
+    /// Joining other replicas: how long the first call waits, from when it asks.
+    join: Option<Duration>,
+    /// Other replicas share the account's limit: calls go out evenly, `1 / rate` apart.
+    spread: bool,
 }
 
 impl Pacer {
@@ -155,14 +172,33 @@ impl Pacer {
             last_paced: None,
             health: VecDeque::new(),
             share,
+            margin: if share.is_some() { ARRIVAL_MARGIN } else { Duration::ZERO },
+            join: None,
+            spread: false,
         }
     }
 
     /// How many replicas call Stripe on the account (at least this one): with the account's
-    /// limit set, each takes an equal share of it, and this rate falls to its share at once.
-    pub fn set_replicas(&mut self, replicas: u32) {
+    /// limit set, each takes an equal share of it in whole calls a second (a fraction only
+    /// when the replicas outnumber the limit), and this rate falls to its share at once.
+    /// `join`: this replica is joining others that already call, so its first call waits
+    /// that long from when it asks, until they have counted it and made room (otherwise its
+    /// first calls meet a window they still fill at their old shares). Alone, it waits for
+    /// nothing.
+    pub fn set_replicas(&mut self, replicas: u32, join: Option<Duration>) {
         let Some(account) = self.settings.account else { return };
-        self.share = Some(account / f64::from(replicas.max(1)));
+        if replicas <= 1 {
+            self.join = None;
+        } else if join.is_some() {
+            self.join = join;
+        }
+        let replicas = f64::from(replicas.max(1));
+        let part = account / replicas;
+        let share = if part >= 1.0 { part.floor() } else { part };
+        let spare = account - share * replicas >= 1.0;
+        self.share = Some(share);
+        self.spread = replicas > 1.0;
+        self.margin = if spare { Duration::ZERO } else { ARRIVAL_MARGIN };
         self.rate = self.clamp(self.rate);
     }
 
@@ -197,15 +233,20 @@ impl Pacer {
     /// a low rate go as soon as the rate grows. `waited`: how the caller waited so far (`None`:
     /// it did not; `Some(paced)`: it was told [`Turn::Later`], for the rate if `paced`).
     pub fn take(&mut self, now: Instant, waited: Option<bool>) -> Turn {
+        if let Some(join) = self.join.take() {
+            self.not_before = self.not_before.max(now + join);
+        }
         let allowed = self.allowed(now);
         let per_window = allowed.ceil().max(1.0);
-        let margin = if self.settings.account.is_some() { ARRIVAL_MARGIN } else { Duration::ZERO };
-        let window = Duration::from_secs_f64(per_window / allowed) + margin;
+        let window = Duration::from_secs_f64(per_window / allowed) + self.margin;
         let n = per_window as usize;
         let full = (self.slots.len() >= n).then(|| self.slots[self.slots.len() - n] + window);
-        let free = full.unwrap_or(now).max(self.not_before);
+        let spaced =
+            self.slots.back().filter(|_| self.spread).map(|last| *last + window / n as u32);
+        let rated = full.max(spaced);
+        let free = rated.unwrap_or(now).max(self.not_before);
         if free > now {
-            let paced = full.is_some_and(|f| f >= self.not_before) && allowed >= self.rate;
+            let paced = rated.is_some_and(|f| f >= self.not_before) && allowed >= self.rate;
             return Turn::Later { at: free, paced };
         }
         self.slots.push_back(now);
@@ -262,7 +303,12 @@ impl Pacer {
         }
         let accepted = self.recent.iter().filter(|(_, limited)| !limited).count() as f64;
         let cut = (self.rate * self.settings.decrease).min(accepted / ROUND.as_secs_f64());
-        self.threshold = self.rate / 2.0;
+        // At its share of the account's limit, a rare 429 is arrival jitter, not too many
+        // calls: the rate doubles straight back to the share. 429s that keep coming (another
+        // client on the account) are met as usual.
+        let rare = self.last_cut.as_ref().is_none_or(|(cut, _)| now >= *cut + QUIET);
+        let at_share = self.share.is_some_and(|share| self.rate >= share);
+        self.threshold = if rare && at_share { self.rate } else { self.rate / 2.0 };
         self.rate = self.clamp(cut);
         self.last_cut = Some((now, payment.to_owned()));
         true
@@ -480,21 +526,77 @@ mod tests {
         assert_eq!(p.rate(), 25.0, "alone until the replicas are counted");
         let burst: Vec<Slot> = (0..26).map(|_| next(&mut p, t0)).collect();
         assert_eq!(burst[25].at, t0 + ms(1000) + ARRIVAL_MARGIN, "a window a little over 1 s");
-        p.set_replicas(2);
-        assert_eq!(p.rate(), 12.5, "halved at once");
+        p.set_replicas(2, None);
+        assert_eq!(p.rate(), 12.0, "halved at once, in whole calls");
         // A full second of calls that waited for the rate grows nothing past the share.
         answer_each_second(&mut p, t0, 0..5, 20);
-        assert_eq!(p.rate(), 12.5);
+        assert_eq!(p.rate(), 12.0);
+        // One call of the limit is spare: windows of exactly a second.
+        let t1 = t0 + ms(10_000);
+        let window: Vec<Slot> = (0..13).map(|_| next(&mut p, t1)).collect();
+        assert_eq!(window[12].at, t1 + ms(1000), "12 a second, the spare call absorbs arrival");
+        let gap = window[1].at - window[0].at;
+        assert!(gap.abs_diff(ms(83)) < ms(1), "with others, calls go out evenly: {gap:?}");
+        p.set_replicas(3, None);
+        assert_eq!(p.rate(), 8.0);
+        p.set_replicas(5, None);
+        assert_eq!(p.rate(), 5.0);
+        let t2 = t0 + ms(20_000);
+        let window: Vec<Slot> = (0..6).map(|_| next(&mut p, t2)).collect();
+        assert_eq!(window[5].at, t2 + ms(1000) + ARRIVAL_MARGIN, "no call spare: the margin");
+        p.set_replicas(50, None);
+        assert_eq!(p.rate(), 0.5, "more replicas than calls: a part of a call");
         // A replica gone: the share grows back, and the rate grows into it.
-        p.set_replicas(1);
+        p.set_replicas(1, None);
         answer_each_second(&mut p, t0, 30..60, 40);
         assert_eq!(p.rate(), 25.0);
-        p.set_replicas(0);
+        p.set_replicas(0, None);
         assert_eq!(p.rate(), 25.0, "no consumer counted: this one alone");
+        // Joining others: the first call waits, from when it asks; alone, nothing waits.
+        let t3 = t0 + ms(90_000);
+        p.set_replicas(1, Some(ms(1500)));
+        assert_eq!(next(&mut p, t3).at, t3);
+        p.set_replicas(2, Some(ms(1500)));
+        p.set_replicas(2, None);
+        let t4 = t3 + ms(5000);
+        assert_eq!(next(&mut p, t4).at, t4 + ms(1500), "joining waits to be counted");
+        assert!(next(&mut p, t4 + ms(1500)).at < t4 + ms(1600), "once");
+        p.set_replicas(2, Some(ms(1500)));
+        p.set_replicas(1, None);
+        assert_eq!(next(&mut p, t4 + ms(9000)).at, t4 + ms(9000), "the others gone: no wait");
         // Without the account's limit, the count changes nothing.
         let mut alone = Pacer::new(PacerSettings::default(), t0);
-        alone.set_replicas(4);
+        alone.set_replicas(4, None);
         assert_eq!(alone.rate(), 25.0);
+    }
+
+    #[test]
+    fn at_its_share_a_rare_429_is_jitter_and_the_rate_doubles_back() {
+        let t0 = Instant::now();
+        let settings = PacerSettings { account: Some(25.0), ..Default::default() };
+        let mut p = Pacer::new(settings, t0);
+        p.set_replicas(2, None);
+        answer_each_second(&mut p, t0, 0..3, 12);
+        // A 429 at the share, then two calls that waited for the rate: how much it grew.
+        let cut_and_grow = |p: &mut Pacer, second: u64, payment: &str| {
+            let at = t0 + ms(second * 1000);
+            let slot = next(p, at);
+            assert!(p.on_rate_limited(at + ms(30), slot.at, payment));
+            let cut = p.rate();
+            assert!(cut < 12.0, "{cut}");
+            for _ in 0..2 {
+                let slot = next(p, at + ms(40));
+                assert!(slot.paced);
+                p.on_answer(slot.at, slot);
+            }
+            p.rate() - cut
+        };
+        cut_and_grow(&mut p, 3, "a");
+        assert_eq!(p.rate(), 12.0, "one a call: doubling straight back to the share");
+        answer_each_second(&mut p, t0, 4..6, 12);
+        // Another within 10 s is not jitter: the rate grows back as after any cut.
+        let grown = cut_and_grow(&mut p, 6, "b");
+        assert!(grown < 1.0, "by the increase: {grown}");
     }
 
     #[test]
