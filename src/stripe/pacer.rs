@@ -59,11 +59,11 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 const ROUND: Duration = Duration::from_secs(1);
 
 /// How much longer than its second a window of calls lasts when the replicas' parts of the
-/// account's limit add up to all of it, which keeps their rates right at it. Stripe counts a call when it
-/// arrives, a little after it was sent: a window closing exactly a second after the sends
-/// would let the next second's first calls arrive while Stripe still counts the last ones,
-/// and a whole burst would be answered 429 at the boundary. (Adapting from 429s alone, the
-/// rate settles below the limit after the first cut.)
+/// account's limit add up to all of it, which keeps their rates right at it. Stripe counts a
+/// call when it arrives, a little after it was sent: a window closing exactly a second after
+/// the sends would let the next second's first calls arrive while Stripe still counts the
+/// last ones, and a whole burst would be answered 429 at the boundary. (Adapting from 429s
+/// alone, the rate settles below the limit after the first cut.)
 const ARRIVAL_MARGIN: Duration = Duration::from_millis(20);
 
 /// A 429 at the share with no cut for this long before it is taken for arrival jitter.
