@@ -40,7 +40,9 @@
 //!   limit spare (one replica on 25), a window lasts 20 ms longer than its second, since Stripe
 //!   counts a call when it arrives; a spare call absorbs that instead. With other replicas
 //!   counted, calls go out evenly, `1 / rate` apart: bursts of a whole part each second would
-//!   meet in one of Stripe's seconds when one arrives late. A replica joining others waits
+//!   meet in one of Stripe's seconds when one arrives late. The spacing keeps its beat: a
+//!   caller woken a millisecond late does not push the calls after it back, which would
+//!   lose a call every few seconds (the window still holds the part). A replica joining others waits
 //!   before its first call until they have counted it. A 429 at the part with no cut in the
 //!   10 s before it is arrival jitter: the rate doubles straight back to the part.
 //!
@@ -154,6 +156,9 @@ pub struct Pacer {
     join: Option<Duration>,
     /// Other replicas share the account's limit: calls go out evenly, `1 / rate` apart.
     spread: bool,
+    /// When the last slot was due on that even spacing: the next is due `1 / rate` after it,
+    /// so a caller woken a little late does not push every later call back.
+    due: Option<Instant>,
 }
 
 impl Pacer {
@@ -175,6 +180,7 @@ impl Pacer {
             margin: if share.is_some() { ARRIVAL_MARGIN } else { Duration::ZERO },
             join: None,
             spread: false,
+            due: None,
         }
     }
 
@@ -241,8 +247,8 @@ impl Pacer {
         let window = Duration::from_secs_f64(per_window / allowed) + self.margin;
         let n = per_window as usize;
         let full = (self.slots.len() >= n).then(|| self.slots[self.slots.len() - n] + window);
-        let spaced =
-            self.slots.back().filter(|_| self.spread).map(|last| *last + window / n as u32);
+        let gap = window / n as u32;
+        let spaced = self.due.filter(|_| self.spread).map(|due| due + gap);
         let rated = full.max(spaced);
         let free = rated.unwrap_or(now).max(self.not_before);
         if free > now {
@@ -250,6 +256,9 @@ impl Pacer {
             return Turn::Later { at: free, paced };
         }
         self.slots.push_back(now);
+        // Less than a gap late (a late wake-up, a window that freed a little later), the
+        // spacing keeps its beat; later than that (no call was waiting), it starts from now.
+        self.due = Some(spaced.filter(|due| now < *due + gap).unwrap_or(now));
         // Twice what the window needs: a rate that grew (at most doubled) still finds its
         // last second's slots.
         while self.slots.len() > 2 * n {
@@ -568,6 +577,34 @@ mod tests {
         let mut alone = Pacer::new(PacerSettings::default(), t0);
         alone.set_replicas(4, None);
         assert_eq!(alone.rate(), 25.0);
+    }
+
+    #[test]
+    fn late_wake_ups_do_not_slow_a_shared_rate() {
+        let t0 = Instant::now();
+        let settings = PacerSettings { account: Some(25.0), ..Default::default() };
+        let mut p = Pacer::new(settings, t0);
+        p.set_replicas(2, None);
+        // Callers that wake 1.5 ms after the time they were told, as a timer does.
+        let mut sent = Vec::new();
+        let (mut at, mut waited) = (t0, None);
+        while at < t0 + ms(30_000) {
+            match p.take(at, waited) {
+                Turn::Go(slot) => {
+                    sent.push(slot.at);
+                    p.on_answer(slot.at, slot);
+                    waited = None;
+                }
+                Turn::Later { at: later, paced } => {
+                    at = later + Duration::from_micros(1500);
+                    waited = Some(waited.unwrap_or(false) || paced);
+                }
+            }
+        }
+        // 12 a second all the way (a drift of 1.5 ms a call would have made it 11.8), and
+        // never 13 in a second.
+        assert!(sent.len() >= 359, "{} calls in 30 s", sent.len());
+        assert!(sent.windows(13).all(|w| w[12] - w[0] >= ms(1000)), "13 within a second");
     }
 
     #[test]
