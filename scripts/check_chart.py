@@ -333,7 +333,7 @@ for args, expected in [
     (["--set", "mode=mock", "--set", "autoscaling.hpa.enabled=true", "--set", "autoscaling.minReplicas=5",
       "--set", "autoscaling.maxReplicas=3"], "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (3)"),
     (["--set", "secrets.existingSecret=x", "--set", "autoscaling.keda.enabled=true", "--set", "autoscaling.maxReplicas=9",
-      "--set-json", "stripe.rate.max=12.5"], "autoscaling.maxReplicas (9) × stripe.rate.max (12.5 requests/s) is above stripe.accountLimit (100"),
+      "--set-json", "stripe.rate.max=12.5"], "autoscaling.maxReplicas (9) × stripe.rate.max (12.5 requests/s) is above stripe.accountLimit (25"),
 ]:
     result = helm_template(*args)
     check(result.returncode != 0 and expected in result.stderr,
