@@ -173,7 +173,8 @@ pub struct RunArgs {
     pub stripe_throttle_k: f64,
 
     /// Payments failing Stripe-wide with none answered that count as an outage before the
-    /// window holds STRIPE_BREAKER_MIN_CALLS payments.
+    /// window holds STRIPE_BREAKER_MIN_CALLS payments; also the distinct payments (retries
+    /// included) whose failures over 2 s with no answer are Stripe's.
     #[arg(long, env = "STRIPE_BREAKER_CONSECUTIVE", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub stripe_breaker_consecutive: u32,
 

@@ -17,19 +17,22 @@
 //!   a 409 does: a sick payment follows its 1 s / 2 s / 4 s schedule and is parked after its
 //!   last attempt.
 //! * *widespread* when at least `failure_ratio` of at least `min_calls` payments failed (a
-//!   brownout), or `consecutive` payments failed and none was answered (an outage from cold).
-//!   No attempt is spent: the payment is deferred and tried again at the rate Stripe
-//!   accepts ([`crate::stripe::pacer`] throttles).
+//!   brownout), or `consecutive` payments failed and none was answered (an outage from cold),
+//!   or Stripe has answered no call for [`OUTAGE_RUN`] while `consecutive` distinct payments,
+//!   retries included, failed (an outage that the window's answers from before it would hide
+//!   while too few calls go out to outweigh them: the pacer slows down as calls fail, and at
+//!   the end of a burst most calls are retries). No attempt is spent: the payment is deferred
+//!   and tried again at the rate Stripe accepts ([`crate::stripe::pacer`] throttles).
 //!
 //! **Circuit.** The full stop is for when nearly nothing gets through: the breaker opens when
 //! at least `open_ratio` (by default all) of the newest `min_calls` payments failed, or
 //! `consecutive` failed and none was answered, or Stripe has answered none of the last
 //! `min_calls` calls, over at least [`OUTAGE_RUN`], while `consecutive` distinct payments
-//! failed on their first attempt among them (an outage that begins among healthy traffic:
-//! the window's answers from before it would otherwise hold the circuit closed until
-//! `min_calls` new payments had failed, while the deferred ones are called again and again).
-//! Any answer ends such a run, a 429 included (Stripe's front door answered): in a brownout
-//! twenty failed calls in a row are rare. Open, no call goes through until `cooldown` has passed; each failed probe
+//! failed among them (an outage that begins among healthy traffic: the window's answers from
+//! before it would otherwise hold the circuit closed until `min_calls` new payments had
+//! failed, while the deferred ones are called again and again). Any answer ends such a run,
+//! a 429 included (Stripe's front door answered): in a brownout twenty failed calls in a row
+//! are rare. Open, no call goes through until `cooldown` has passed; each failed probe
 //! doubles it up to `max_cooldown` (by default the same: recovery is at most one cool-down
 //! after Stripe heals). Half-open, exactly one call, the probe, goes through; a payment that
 //! already spent an attempt is not taken as a probe (its failure would say nothing about
@@ -180,8 +183,8 @@ pub struct Breaker {
     window: VecDeque<Entry>,
     /// The payments in `window`.
     seen: HashSet<String>,
-    /// Since Stripe last answered any call: the payments that failed on their first attempt,
-    /// the failed calls (of any payment), and when the first of them failed.
+    /// Since Stripe last answered any call: the payments that failed (on any attempt), the
+    /// failed calls, and when the first of them failed.
     run: HashSet<String>,
     run_calls: usize,
     run_since: Option<Instant>,
@@ -275,9 +278,7 @@ impl Breaker {
         if failed {
             self.run_since.get_or_insert(now);
             self.run_calls += 1;
-            if !caller.suspect {
-                self.run.insert(caller.payment.to_owned());
-            }
+            self.run.insert(caller.payment.to_owned());
         }
         if !caller.suspect && self.seen.insert(caller.payment.to_owned()) {
             self.window.push_back(Entry { at: now, payment: caller.payment.to_owned(), failed });
@@ -293,17 +294,26 @@ impl Breaker {
             self.open(now, self.settings.cooldown);
             return Spread::Widespread;
         }
+        if self.silent(now) {
+            return Spread::Widespread;
+        }
         grade
+    }
+
+    /// Stripe answered nothing over [`OUTAGE_RUN`] while `consecutive` payments failed: an
+    /// outage, though too few calls went out (the pacer slows down as calls fail, and most
+    /// may be retries) to tell it from a brownout by `min_calls` of them.
+    fn silent(&self, now: Instant) -> bool {
+        self.run.len() >= self.settings.consecutive
+            && self
+                .run_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= OUTAGE_RUN)
     }
 
     /// Stripe answered none of `min_calls` calls over [`OUTAGE_RUN`], `consecutive` payments
     /// failing among them.
     fn outage_run(&self, now: Instant) -> bool {
-        self.run_calls >= self.settings.min_calls
-            && self.run.len() >= self.settings.consecutive
-            && self
-                .run_since
-                .is_some_and(|since| now.saturating_duration_since(since) >= OUTAGE_RUN)
+        self.run_calls >= self.settings.min_calls && self.silent(now)
     }
 
     fn end_run(&mut self) {
@@ -488,6 +498,29 @@ mod tests {
         let spread = b.record(t0 + quarter * 8, Signal::Failed, false, fresh(&payment()));
         assert_eq!(spread, Spread::Widespread);
         assert_eq!(b.state(), State::Open { until: t0 + 7 * SECOND });
+    }
+
+    #[test]
+    fn an_outage_seen_mostly_through_retries_is_widespread_after_two_seconds() {
+        let (mut b, t0) = breaker();
+        feed(&mut b, t0, 50, |_| false);
+        // Two calls a second (the pacer has slowed down), most of them retries of payments
+        // that spent an attempt: the window keeps its answers and the run its 20 calls away.
+        let half = Duration::from_millis(500);
+        let spreads: Vec<Spread> = (0..8u32)
+            .map(|i| {
+                let payment = payment();
+                let caller = Caller { payment: &payment, suspect: i % 3 != 0 };
+                b.record(t0 + half * i, Signal::Failed, false, caller)
+            })
+            .collect();
+        assert_eq!(spreads[..4], [Spread::Isolated; 4], "under two seconds: {spreads:?}");
+        assert_eq!(spreads[4..], [Spread::Widespread; 4], "two seconds, five payments");
+        assert_eq!(b.state(), State::Closed, "eight calls: too few to open");
+        // Flapping is no outage: an answer ends the run.
+        b.record(t0 + half * 8, Signal::Answered, false, fresh(&payment()));
+        let spread = b.record(t0 + half * 9, Signal::Failed, false, fresh(&payment()));
+        assert_eq!(spread, Spread::Isolated);
     }
 
     #[test]

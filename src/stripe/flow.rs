@@ -566,6 +566,32 @@ mod simulation {
                 },
             ),
             (
+                // A quarter of the payments fail their first call and a quarter of those
+                // their second too (spending attempts: too few for a brownout), and Stripe
+                // goes down just after the last payment arrived, while mostly retries are in flight.
+                Scenario {
+                    name: "outage among retries",
+                    rate: 10,
+                    seconds: 20,
+                    trouble: (20.0, 30.0),
+                    answer: |t, p, c| {
+                        if (20.0..30.0).contains(&t) || (c <= 2 && coin(p, c, 0.25)) {
+                            Answer::Fail
+                        } else {
+                            Answer::Ok
+                        }
+                    },
+                },
+                Expect {
+                    calls_per_payment: 1.5,
+                    calls_in_trouble: 25,
+                    parked: none,
+                    done_before_heal: 0.95,
+                    openings: 1..=3,
+                    healthy_p99: 4.0,
+                },
+            ),
+            (
                 Scenario {
                     name: "brownout 30%",
                     rate: 10,
