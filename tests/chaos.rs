@@ -1,11 +1,12 @@
 //! The chaos suite: real `payment-worker` pods (child processes, competing consumers) on a
 //! RabbitMQ node of the suite's own, behind a fault proxy, with a Stripe stand-in that fails
 //! most payments' first call (65 %, a 503, a 429, a dropped connection or a lost answer, and
-//! as often again their second). While trips flow, pods are SIGKILLed (preferably while retries wait in the
-//! wait queues) and replaced, one is stopped with SIGTERM, the broker is restarted
-//! (`stop_app`/`start_app`, and SIGKILL plus a cold start), the workers' connections are cut
-//! and delayed, and Stripe goes down for 10 s at a time (503s, then dropped connections). Then
-//! every trip is accounted for: nothing is parked but the trips scripted to fail for good.
+//! as often again their second). While trips flow, pods are SIGKILLed (preferably while
+//! retries wait in the wait queues) and replaced, one is stopped with SIGTERM, the broker is
+//! restarted (`stop_app`/`start_app`, and SIGKILL plus a cold start), the workers' connections
+//! are cut and delayed, and Stripe goes down for 10 s at a time (503s, then dropped
+//! connections) while trips still arrive. Then every trip is accounted for: nothing is parked
+//! but the trips scripted to fail for good.
 //!
 //! `chaos_bounded` runs in `make test`. `chaos_soak` is the long run (`make chaos`), sized by
 //! CHAOS_TRIPS, CHAOS_SECONDS (how long trips are published), CHAOS_KILLS,
@@ -356,6 +357,7 @@ async fn run(params: Params) {
     faults.push(Fault::Sigterm);
     faults.push(Fault::Delay);
     shuffle(&mut faults);
+    early_outages(&mut faults);
     let gap = params.publish_for / u32::try_from(faults.len() + 1).unwrap();
     let (mut kills, mut restarts, mut sigterms, mut outages) = (0, 0, 0, 0);
     for fault in faults {
@@ -508,6 +510,23 @@ async fn run(params: Params) {
 /// The node leading the work queue, or a random one when no node says.
 fn leader_of_work_queue(nodes: &[RabbitNode]) -> usize {
     testkit::cluster::leader(nodes, WORK).unwrap_or_else(|| rand::random_range(0..nodes.len()))
+}
+
+/// Moves each Stripe outage out of the last third of the faults: Stripe goes down while trips
+/// still arrive. At the end of the run only a few retries are in flight, and a payment failing
+/// alone through an outage cannot be told from a sick one: it is parked after its last attempt
+/// (the breaker needs five distinct payments failing with no answer; `src/stripe/breaker.rs`).
+fn early_outages(faults: &mut [Fault]) {
+    let late = faults.len() * 2 / 3;
+    for i in late..faults.len() {
+        if faults[i] != Fault::StripeOutage {
+            continue;
+        }
+        let early: Vec<usize> = (0..late).filter(|&j| faults[j] != Fault::StripeOutage).collect();
+        if !early.is_empty() {
+            faults.swap(i, early[rand::random_range(0..early.len())]);
+        }
+    }
 }
 
 fn shuffle<T>(items: &mut [T]) {
