@@ -103,10 +103,10 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     # Every worker setting is reachable: from the ConfigMap, or from the Secret.
     env_names = {e["name"] for e in container.get("env", [])}
     reachable = set(configmap["data"]) | env_names
-    # Derived from APP_URL unless set; no ceiling unless set; no shared limit unless asked.
+    # Derived from APP_URL unless set; no ceiling unless set; no shared limit when turned off.
     optional = {"STRIPE_SUCCESS_URL", "STRIPE_CANCEL_URL", "STRIPE_MAX_RPS", "STRIPE_ACCOUNT_RPS"}
     stripe = (yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text()) or {}).get("stripe", {})
-    shared = stripe.get("rate", {}).get("shareAccountLimit", False)
+    shared = stripe.get("rate", {}).get("shareAccountLimit", DEFAULTS["stripe"]["rate"]["shareAccountLimit"])
     limit = str(stripe.get("accountLimit", DEFAULTS["stripe"]["accountLimit"]))
     check(
         configmap["data"].get("STRIPE_ACCOUNT_RPS") == (limit if shared else None),
@@ -151,7 +151,7 @@ for name in ["default-values", "existing-secret-values", "monitoring-values", "s
     # The mounted topology is the one the binary ships.
     profile = {"existing-secret-values": "quorum", "monitoring-values": "extended"}.get(name, "default")
     max_rps = configmap["data"].get("STRIPE_MAX_RPS")
-    expected_rps = {"monitoring-values": "12.5", "keda-values": "15"}.get(name)
+    expected_rps = {"monitoring-values": "12.5", "keda-values": "4"}.get(name)
     check(max_rps == expected_rps,
           f"{name}: STRIPE_MAX_RPS is rendered exactly when stripe.rate.max is set ({max_rps!r})")
     shipped = (ROOT / "topology" / f"{profile}.toml").read_text()
