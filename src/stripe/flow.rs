@@ -568,7 +568,8 @@ mod simulation {
             (
                 // A quarter of the payments fail their first call and a quarter of those
                 // their second too (spending attempts: too few for a brownout), and Stripe
-                // goes down just after the last payment arrived, while mostly retries are in flight.
+                // goes down just after the last payment arrived, while mostly retries are in
+                // flight.
                 Scenario {
                     name: "outage among retries",
                     rate: 10,
